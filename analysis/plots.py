@@ -1,0 +1,129 @@
+"""Figures comparing models: headline metrics with CIs, confusion matrices, reliability diagrams.
+
+Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so no GUI backend or global figure
+state is involved and nothing needs ``matplotlib.use``. Every PNG is written atomically by ``save_figure``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from analysis.classification_metrics import ECE_BINS, expected_calibration_error, reliability_bins
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as PNG to ``path`` via a temp file in the same folder; readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=150, bbox_inches="tight")
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _require_models(by_model: Mapping) -> None:
+    if not by_model:
+        raise ValueError("need at least one model to plot, got an empty mapping")
+
+
+def plot_metric_comparison(
+    metrics_by_model: Mapping[str, Mapping],
+    path: str | os.PathLike,
+    metric_names: Sequence[str] = ("accuracy", "macro_f1", "f1", "mcc"),
+) -> Path:
+    """Grouped bars (one group per metric, one bar per model) with bootstrap CI whiskers where available."""
+    _require_models(metrics_by_model)
+    fig = Figure(figsize=(1.6 + 1.4 * len(metric_names), 4.0))
+    ax = fig.add_subplot()
+    x = np.arange(len(metric_names))
+    width = 0.8 / len(metrics_by_model)
+    for i, (model, metrics) in enumerate(metrics_by_model.items()):
+        positions = x - 0.4 + width * (i + 0.5)
+        values = np.array([metrics.get(name, np.nan) for name in metric_names], dtype=float)
+        bars = ax.bar(positions, values, width, label=model)
+        intervals = metrics.get("confidence_intervals", {})
+        with_ci = [k for k, name in enumerate(metric_names) if name in intervals and np.isfinite(values[k])]
+        if with_ci:
+            low = np.array([intervals[metric_names[k]]["low"] for k in with_ci])
+            high = np.array([intervals[metric_names[k]]["high"] for k in with_ci])
+            # A percentile interval need not contain the estimate; clip so matplotlib gets non-negative arms.
+            yerr = np.clip([values[with_ci] - low, high - values[with_ci]], 0.0, None)
+            ax.errorbar(positions[with_ci], values[with_ci], yerr=yerr, fmt="none", ecolor="black", capsize=3)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center")  # inside: whiskers sit on top
+    ax.axhline(0.0, color="grey", linewidth=0.8)  # MCC can be negative
+    ax.set_xticks(x, list(metric_names))
+    ax.set_ylabel("score (95% bootstrap CI)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return save_figure(fig, path)
+
+
+def plot_confusion_matrices(
+    metrics_by_model: Mapping[str, Mapping],
+    label_names: Sequence[str],
+    path: str | os.PathLike,
+) -> Path:
+    """Side-by-side confusion matrices: colour is the row-normalised rate, text is the raw count."""
+    _require_models(metrics_by_model)
+    n_models = len(metrics_by_model)
+    fig = Figure(figsize=(1.2 + 3.4 * n_models, 3.8), layout="constrained")
+    axes = fig.subplots(1, n_models, squeeze=False, sharey=True)[0]
+    for ax, (model, metrics) in zip(axes, metrics_by_model.items(), strict=True):
+        counts = np.asarray(metrics["confusion_matrix"], dtype=float)
+        if counts.shape != (len(label_names), len(label_names)):
+            raise ValueError(f"{model}: confusion matrix has shape {counts.shape}, expected {len(label_names)} labels")
+        rows = counts.sum(axis=1, keepdims=True)
+        rates = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+        image = ax.imshow(rates, vmin=0.0, vmax=1.0, cmap="Blues")
+        for (i, j), count in np.ndenumerate(counts):
+            colour = "white" if rates[i, j] > 0.5 else "black"  # stay readable on dark cells
+            ax.text(j, i, f"{int(count)}", ha="center", va="center", color=colour)
+        ax.set_xticks(range(len(label_names)), list(label_names), rotation=30)
+        ax.set_yticks(range(len(label_names)), list(label_names))
+        ax.set_xlabel("predicted")
+        ax.set_title(model)
+    axes[0].set_ylabel("gold")
+    fig.colorbar(image, ax=list(axes), label="fraction of gold row", shrink=0.8)
+    return save_figure(fig, path)
+
+
+def plot_reliability(
+    y_true: np.ndarray,
+    probs_by_model: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    n_bins: int = ECE_BINS,
+) -> Path:
+    """Reliability diagram: accuracy against mean confidence per bin for each model, ECE in the legend."""
+    _require_models(probs_by_model)
+    fig = Figure(figsize=(5.0, 5.5))
+    ax, ax_count = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    for model, probs in probs_by_model.items():
+        bins = reliability_bins(y_true, probs, n_bins)
+        count = np.asarray(bins["count"])
+        filled = count > 0
+        ece = expected_calibration_error(y_true, probs, n_bins)
+        ax.plot(
+            np.asarray(bins["confidence"])[filled],
+            np.asarray(bins["accuracy"])[filled],
+            marker="o",
+            label=f"{model} (ECE={ece:.3f})",
+        )
+        ax_count.stairs(count, bins["edges"], label=model)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy in bin")
+    ax.legend(fontsize=8, loc="upper left")
+    ax_count.set_xlabel("confidence (max label probability)")
+    ax_count.set_ylabel("examples")
+    return save_figure(fig, path)

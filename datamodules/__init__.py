@@ -1,0 +1,3 @@
+from datamodules.tweet_sentiment import TweetSentimentDataModule
+
+__all__ = ["TweetSentimentDataModule"]

@@ -1,0 +1,287 @@
+"""LightningDataModule: rows -> label-masked prompts -> dynamically padded batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.embedded_tweets import EMBEDDED_DATASET
+from datamodules.prompts import PromptEncoder
+from datamodules.sources import infer_label_names, load_raw_splits, require_columns, require_split
+from lightning_modules.backbone import load_tokenizer, resolve_token
+from lightning_modules.embedded_model import EMBEDDED_MODEL
+from lightning_modules.errors import UserInputError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+
+
+class PromptDataset(Dataset):
+    def __init__(self, examples: list[Example], encoder: PromptEncoder):
+        self.examples = examples
+        self.prefix_length = len(encoder.prefix_ids)
+        self.encoded = [encoder.encode(example.text, example.label) for example in examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        encoded = self.encoded[index]
+        labels = [IGNORE_INDEX] * len(encoded.input_ids)
+        labels[encoded.label_position] = encoded.input_ids[encoded.label_position]
+        return {
+            "input_ids": encoded.input_ids,
+            "labels": labels,
+            "label_position": encoded.label_position,
+            "class_index": self.examples[index].label,
+            "index": index,
+            "prefix_length": self.prefix_length,
+        }
+
+
+def collate_prompts(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest prompt in the batch (never to max_seq_length)."""
+    width = max(len(item["input_ids"]) for item in items)
+    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        input_ids[row, :n] = torch.tensor(item["input_ids"])
+        labels[row, :n] = torch.tensor(item["labels"])
+        attention_mask[row, :n] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "label_position": torch.tensor([item["label_position"] for item in items]),
+        "class_index": torch.tensor([item["class_index"] for item in items]),
+        "index": torch.tensor([item["index"] for item in items]),
+        # Every prompt starts with the same instruction tokens: scoring can cache them once.
+        "prefix_length": torch.tensor([item["prefix_length"] for item in items]),
+    }
+
+
+class _LengthSorted(torch.utils.data.Sampler):
+    """Deterministic shortest-first order for evaluation: less padding, same metrics."""
+
+    def __init__(self, dataset: PromptDataset):
+        self.order = sorted(range(len(dataset)), key=lambda i: len(dataset.encoded[i].input_ids))
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class TweetSentimentDataModule(L.LightningDataModule):
+    """Tweets with sentiment labels as prompts whose only supervised token is the label word.
+
+    Args:
+        dataset_name: hub dataset id, a local CSV/JSON/JSONL/Parquet file or folder of split files, or
+            `embedded:crowdflower-tweets`.
+        tokenizer_name: model whose tokenizer encodes the prompts (linked to `--model.model_name` by the CLI).
+        label_space: keep only these classes (names, or integer labels), in this order; None infers all.
+        class_names: names for bare integer labels that carry none.
+        train_subset / eval_subset: seeded sample sizes (None = all rows).
+        prompt_style: `words` (label names as words) or `seed-digits` (the original digit template).
+        label_words: verbalizer, one single-token word per class (default from the style and label names).
+    """
+
+    def __init__(
+        self,
+        dataset_name: str = EMBEDDED_DATASET,
+        dataset_config: str | None = None,
+        tokenizer_name: str = EMBEDDED_MODEL,
+        train_split: str = "train",
+        eval_split: str = "test",
+        text_field: str = "text",
+        label_field: str = "label",
+        label_space: list[str] | None = None,
+        class_names: list[str] | None = None,
+        train_subset: int | None = 2000,
+        eval_subset: int | None = 1000,
+        seed: int = 42,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        max_seq_length: int = 512,
+        prompt_style: str = "words",
+        label_words: list[str] | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self._train: list[Example] | None = None
+        self._eval: list[Example] | None = None
+        self._label_names: list[str] | None = None
+        self._tokenizer = None
+        self._encoder: PromptEncoder | None = None
+        self.skipped_empty = 0
+
+    # ---- rows -------------------------------------------------------------------------------------------------
+    def _load_rows(self) -> None:
+        if self._train is not None:
+            return
+        hp = self.hparams
+        splits = load_raw_splits(hp.dataset_name, hp.dataset_config, hp.seed, token=resolve_token())
+        train = require_split(splits, hp.train_split, "--data.train_split", hp.dataset_name)
+        evaluation = require_split(splits, hp.eval_split, "--data.eval_split", hp.dataset_name)
+        for split in (train, evaluation):
+            require_columns(
+                split, [(hp.text_field, "--data.text_field"), (hp.label_field, "--data.label_field")], hp.dataset_name
+            )
+        names, to_index = self._label_mapping(train, evaluation)
+        self._label_names = names
+        self._train = self._subset(self._examples(train, to_index), hp.train_subset, hp.seed)
+        self._eval = self._subset(self._examples(evaluation, to_index), hp.eval_subset, hp.seed)
+        if self.skipped_empty:
+            rank_zero_warn(f"Skipped {self.skipped_empty} rows with an empty '{hp.text_field}'.")
+        if not self._eval:
+            raise UserInputError(
+                f"The eval split '{hp.eval_split}' has no rows left after label filtering "
+                f"(label_space={hp.label_space}); check --data.label_space against the data's labels."
+            )
+        if not self._train:
+            raise UserInputError(
+                f"The train split '{hp.train_split}' has no rows left after label filtering; check --data.label_space."
+            )
+
+    def _label_mapping(self, train, evaluation) -> tuple[list[str], dict]:
+        hp = self.hparams
+        values = list(train[hp.label_field]) + list(evaluation[hp.label_field])
+        string_labels = bool(values) and isinstance(values[0], str)
+        if string_labels:
+            all_names = sorted({str(v).strip() for v in values})
+            raw_for_name = {name: name for name in all_names}
+        else:
+            all_names = hp.class_names or infer_label_names(train, hp.label_field)
+            if all_names is None:
+                raise UserInputError(
+                    f"The integer labels in column '{hp.label_field}' have no names; add a 'label_text' column or "
+                    "name them in order with --data.class_names."
+                )
+            all_names = list(all_names)
+            raw_for_name = {name: index for index, name in enumerate(all_names)}
+        if hp.label_space:
+            wanted = [str(v).strip() for v in hp.label_space]
+            # Integer label spaces ("0", "2") refer to class indices of integer-labelled data.
+            if not string_labels and all(w.isdigit() for w in wanted):
+                wanted = [all_names[int(w)] if int(w) < len(all_names) else w for w in wanted]
+            unknown = [w for w in wanted if w not in raw_for_name]
+            if unknown:
+                raise UserInputError(
+                    f"--data.label_space values {unknown} are not labels of '{hp.dataset_name}'; "
+                    f"available: {', '.join(all_names)}."
+                )
+            names = wanted
+        else:
+            names = all_names
+        to_index = {raw_for_name[name]: index for index, name in enumerate(names)}
+        return names, to_index
+
+    def _examples(self, split, to_index: dict) -> list[Example]:
+        hp = self.hparams
+        examples = []
+        for text, raw in zip(split[hp.text_field], split[hp.label_field]):
+            text = "" if text is None else " ".join(str(text).split())
+            if not text:
+                self.skipped_empty += 1
+                continue
+            key = str(raw).strip() if isinstance(raw, str) else int(raw)
+            if key in to_index:
+                examples.append(Example(text, to_index[key]))
+        return examples
+
+    @staticmethod
+    def _subset(examples: list[Example], size: int | None, seed: int) -> list[Example]:
+        if size is None or size >= len(examples):
+            return examples
+        chosen = np.sort(np.random.default_rng(seed).choice(len(examples), size=size, replace=False))
+        return [examples[i] for i in chosen]
+
+    # ---- public views -----------------------------------------------------------------------------------------
+    @property
+    def label_names(self) -> list[str]:
+        self._load_rows()
+        return list(self._label_names)
+
+    @property
+    def train_examples(self) -> list[Example]:
+        self._load_rows()
+        return self._train
+
+    @property
+    def eval_examples(self) -> list[Example]:
+        self._load_rows()
+        return self._eval
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer_name)
+        return self._tokenizer
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        if self._encoder is None:
+            hp = self.hparams
+            self._encoder = PromptEncoder(
+                self.tokenizer, self.label_names, hp.label_words, hp.prompt_style, hp.max_seq_length
+            )
+        return self._encoder
+
+    @property
+    def label_token_ids(self) -> list[int]:
+        return list(self.encoder.label_token_ids)
+
+    def prompt_description(self) -> dict:
+        return {**self.encoder.describe(), "dataset_name": self.hparams.dataset_name}
+
+    # ---- Lightning hooks --------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        encoder = self.encoder
+        if stage in (None, "fit") and not hasattr(self, "train_dataset"):
+            self.train_dataset = PromptDataset(self.train_examples, encoder)
+        if not hasattr(self, "eval_dataset"):
+            self.eval_dataset = PromptDataset(self.eval_examples, encoder)
+            truncated = sum(e.truncated for e in self.eval_dataset.encoded)
+            if truncated:
+                rank_zero_info(
+                    f"Truncated {truncated} eval tweets to fit max_seq_length={self.hparams.max_seq_length}."
+                )
+
+    def _loader(self, dataset: PromptDataset, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        pad = self.tokenizer.pad_token_id
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if shuffle else (hp.eval_batch_size or hp.batch_size),
+            shuffle=shuffle,
+            sampler=None if shuffle else _LengthSorted(dataset),
+            num_workers=hp.num_workers,
+            collate_fn=lambda items: collate_prompts(items, pad),
+            generator=torch.Generator().manual_seed(hp.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset, shuffle=False)

@@ -1,0 +1,5 @@
+from lightning_modules.classifier import LoRASentimentClassifier
+from lightning_modules.errors import UserInputError
+from lightning_modules.export_adapter import ExportAdapter
+
+__all__ = ["ExportAdapter", "LoRASentimentClassifier", "UserInputError"]

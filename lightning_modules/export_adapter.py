@@ -1,0 +1,62 @@
+"""Callback: export the trained LoRA adapter as a peft folder at the end of fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning as L
+
+ADAPTER_DIR = "lora_adapter"
+CLASSIFICATION_FILE = "classification.json"
+
+
+def write_adapter(module, directory: Path, prompt: dict | None = None) -> Path:
+    """Atomically write `module.backbone`'s adapter (peft `save_pretrained`) plus the label/prompt it expects."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        module.backbone.save_pretrained(staging)
+        config_path = staging / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        # peft records the local cache path of the base; record the name users pass instead, so it is portable.
+        config["base_model_name_or_path"] = module.hparams.model_name
+        config_path.write_text(json.dumps(config, indent=2))
+        meta = {
+            "base_model": module.hparams.model_name,
+            "label_names": module.label_names,
+            "label_token_ids": module.label_token_ids.tolist(),
+            **(prompt or {}),
+        }
+        (staging / CLASSIFICATION_FILE).write_text(json.dumps(meta, indent=2))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+class ExportAdapter(L.Callback):
+    """Writes `<dirpath or default_root_dir>/lora_adapter/` when fit ends (rank zero only)."""
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        target = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / ADAPTER_DIR
+        datamodule = getattr(trainer, "datamodule", None)
+        prompt = datamodule.prompt_description() if hasattr(datamodule, "prompt_description") else None
+        write_adapter(pl_module, target, prompt)
+        print(f"LoRA adapter written to {target.resolve()}")
