@@ -123,6 +123,17 @@ def load_causal_lm(model_name: str, quantize_4bit: bool, token: str | None = Non
         raise _hub_error(model_name, error) from error
 
 
+def _disable_bnb_cpu_inference_packing(model) -> None:
+    """bitsandbytes (0.50) repacks NF4 weights for fast CPU inference on the first eval-mode forward and never
+    unpacks them; training through a packed layer silently yields no gradients (no autograd kernel). Lightning's
+    sanity check runs in eval mode before fit, so we keep the trainable layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def attach_lora(
     model,
     r: int,
@@ -136,10 +147,15 @@ def attach_lora(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        _disable_bnb_cpu_inference_packing(model)
+    # Non-reentrant checkpointing: gradients reach the LoRA weights whether or not the inputs require grad.
+    checkpoint_kwargs = {"use_reentrant": False}
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpoint_kwargs
+        )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
     missing = [name for name in target_modules if not any(n.endswith(name) for n, _ in model.named_modules())]
     if missing:
         raise UserInputError(

@@ -125,6 +125,11 @@ class LoRASentimentClassifier(L.LightningModule):
         label_probs = torch.softmax(logits[:, self.label_token_ids], dim=-1)
         return loss, label_probs
 
+    def on_train_start(self) -> None:
+        # Lightning keeps whatever mode modules were left in (e.g. eval after scoring); LoRA dropout and the
+        # bitsandbytes training kernels need train mode, so training always starts from it.
+        self.backbone.train()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))

@@ -60,7 +60,7 @@ def test_fit_lowers_the_label_loss(synthetic_folder, tiny_model_dir, tmp_path):
     module.eval()
     with torch.no_grad():
         after = module._step(batch)[0].item()
-    assert after < 0.5 * before, (before, after)
+    assert after < before - 0.3, (before, after)  # untrained: ~ln(vocab); a no-op fit leaves it unchanged
 
 
 def test_checkpoint_holds_only_the_adapter_and_resumes(synthetic_folder, tiny_model_dir, tmp_path):

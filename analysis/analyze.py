@@ -1,0 +1,404 @@
+"""Explain the zero-shot and the fine-tuned model with SHAP on the first N eval tweets; statistics, plots, HTML.
+
+Every finished example is written at once to `<output-dir>/.progress/<index>.json`; a rerun with the same settings
+skips those and recomputes nothing. The final files are written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import shap
+import torch
+
+from analysis.evaluation import DISPLAY_NAMES, check_output_dir, load_fine_tuned
+from analysis.explanation_plots import plot_deletion_curves, plot_top_tokens
+from analysis.explanation_stats import compare_models, model_statistics
+from analysis.explanations_html import explanations_html
+from analysis.faithfulness import (
+    FRACTIONS,
+    RANDOM_ORDERS,
+    compare_model_faithfulness,
+    example_faithfulness,
+    summarize_model_faithfulness,
+)
+from analysis.files import to_json_ready, write_json_atomic, write_text_atomic
+from analysis.shap_explain import (
+    BUDGET_NOTE,
+    FINE_TUNED,
+    MASKS_PER_ROUND,
+    MODELS,
+    TARGETS,
+    ZERO_SHOT,
+    budget_resolution,
+    explain_tweet,
+    explanation_file_content,
+    fit_to_budget,
+    model_value_functions,
+    normalize_tweet,
+    tweet_masker,
+)
+from lightning_modules.errors import UserInputError
+
+SHAP_FILES = {ZERO_SHOT: "zero_shot_shap.json", FINE_TUNED: "fine_tuned_shap.json"}
+SUMMARY_PLOTS = {ZERO_SHOT: "zero_shot_shap_summary.png", FINE_TUNED: "fine_tuned_shap_summary.png"}
+METRICS_FILE = "interpretability_metrics.json"
+DELETION_PLOT = "deletion_curves.png"
+HTML_FILE = "explanations.html"
+PROGRESS_DIR = ".progress"
+ADDITIVITY_TOLERANCE = 1e-4
+TOP_TOKENS = 20
+
+
+@dataclass
+class AnalysisResult:
+    output_dir: Path
+    metrics: dict
+    notes: list[str]
+    files: list[Path] = field(default_factory=list)
+    computed: list[int] = field(default_factory=list)  # example indices explained in this run
+    resumed: list[int] = field(default_factory=list)  # example indices read back from .progress
+
+
+# ---- resumable per-example records ------------------------------------------------------------------------------
+class ProgressStore:
+    """One JSON per finished example, valid only for the run settings recorded in `run.json`."""
+
+    def __init__(self, folder: Path, fingerprint: dict, notes: list[str]):
+        self.folder = folder
+        fingerprint = json.loads(json.dumps(to_json_ready(fingerprint)))  # compare as it reads back
+        run_file = folder / "run.json"
+        if run_file.is_file():
+            try:
+                previous = json.loads(run_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                previous = None
+            if previous != fingerprint:
+                shutil.rmtree(folder)
+                notes.append(f"discarded the partial results in {folder}: they came from a run with other settings")
+        write_json_atomic(run_file, fingerprint)
+
+    def load(self, index: int, text: str) -> dict | None:
+        path = self.folder / f"{index}.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None  # missing, or damaged outside our atomic writes: recompute it
+        return record if record.get("text") == text else None
+
+    def save(self, index: int, record: dict) -> None:
+        write_json_atomic(self.folder / f"{index}.json", record)
+
+
+def adapter_digest(module) -> str:
+    """Digest of the LoRA weights in the module: a retrained adapter at the same path invalidates old progress."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.trainable_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- one example --------------------------------------------------------------------------------------------------
+def explain_example(
+    index: int,
+    text: str,
+    gold: int,
+    encoder,
+    masker: shap.maskers.Text,
+    value_functions: Mapping,
+    max_evals: int,
+    target: str,
+    seed: int,
+) -> dict:
+    """Both models' SHAP values, targets, additivity errors and faithfulness for one (non-empty) tweet."""
+    full = {name: fn([text])[0] for name, fn in value_functions.items()}
+    predicted = {name: int(np.argmax(p)) for name, p in full.items()}
+    targets = predicted if target == "predicted" else {name: gold for name in value_functions}
+    start = time.perf_counter()
+    explained = explain_tweet(text, value_functions, masker, max_evals, seed=seed + index)
+    seconds = time.perf_counter() - start
+    n_tokens = len(explained["data"])
+    models = {}
+    for k, (name, fn) in enumerate(value_functions.items()):
+        values, base = explained["models"][name]["values"], explained["models"][name]["base_values"]
+        t = targets[name]
+        # f(x) from its own forward pass, not the explainer's: the check covers the whole pipeline.
+        errors = np.abs(base + values.sum(axis=0) - full[name])
+        faithfulness = example_faithfulness(
+            text, values[:, t], t, float(full[name][t]), fn, masker, np.random.default_rng([seed, index, k])
+        )
+        models[name] = {
+            "values": values,
+            "base_values": base,
+            "target": t,
+            "predicted": predicted[name],
+            "probabilities": full[name],
+            "additivity_error": float(errors[t]),
+            "additivity_error_all_classes": float(errors.max()),
+            "faithfulness": faithfulness,
+        }
+    return {
+        "index": index,
+        "text": text,
+        "gold": gold,
+        "n_tokens": n_tokens,
+        "data": explained["data"],
+        "feature_names": explained["feature_names"],
+        "max_evals": max_evals,
+        "evals_used": explained["evals_used"],
+        "evals_for_exact_owen": explained["evals_for_exact_owen"],
+        "resolution": budget_resolution(n_tokens, max_evals, explained["evals_for_exact_owen"]),
+        "seconds": seconds,
+        "models": models,
+    }
+
+
+# ---- statistics -------------------------------------------------------------------------------------------------
+def _target_values(records: list[dict], model: str) -> list[np.ndarray]:
+    return [np.asarray(r["models"][model]["values"], dtype=float)[:, r["models"][model]["target"]] for r in records]
+
+
+def interpretability_metrics(records: list[dict], settings: dict, notes: list[str], n_resamples: int, seed: int):
+    """Everything measured, as one JSON-ready dict: per-model statistics, comparison, faithfulness, checks."""
+    tokens = [r["feature_names"] for r in records]
+    values = {model: _target_values(records, model) for model in MODELS}
+    faithfulness_rows = {model: [r["models"][model]["faithfulness"] for r in records] for model in MODELS}
+    additivity = {model: max(r["models"][model]["additivity_error"] for r in records) for model in MODELS}
+    largest = max(additivity.values())
+    resolutions = [r["resolution"] for r in records]
+    return {
+        "settings": settings,
+        "notes": notes,
+        "n_examples": len(records),
+        "target": {
+            "source": settings["target"],
+            "same_target_fraction": float(
+                np.mean([r["models"][ZERO_SHOT]["target"] == r["models"][FINE_TUNED]["target"] for r in records])
+            ),
+            "per_example": [
+                {"index": r["index"], "gold": r["gold"], **{m: r["models"][m]["target"] for m in MODELS}}
+                for r in records
+            ],
+        },
+        "additivity": {
+            "max_abs_error": largest,
+            "per_model": additivity,
+            "tolerance": ADDITIVITY_TOLERANCE,
+            "within_tolerance": largest < ADDITIVITY_TOLERANCE,
+            "definition": "|base value + sum of SHAP values - f(x)| for the target class, f(x) from its own forward",
+        },
+        "budget": {
+            "max_evals": settings["max_evals"],
+            "meaning": BUDGET_NOTE,
+            "counts": {name: resolutions.count(name) for name in ("exact", "approximate", "coarse")},
+            "per_example": [
+                {
+                    key: r[key]
+                    for key in ("index", "n_tokens", "max_evals", "evals_used", "evals_for_exact_owen", "resolution")
+                }
+                for r in records
+            ],
+        },
+        ZERO_SHOT: model_statistics(values[ZERO_SHOT], tokens, top_k=TOP_TOKENS),
+        FINE_TUNED: model_statistics(values[FINE_TUNED], tokens, top_k=TOP_TOKENS),
+        "comparison": compare_models(
+            values[ZERO_SHOT], values[FINE_TUNED], tokens, n_resamples=n_resamples, seed=seed, top_k=TOP_TOKENS
+        ),
+        "faithfulness": {
+            "fractions": list(FRACTIONS),
+            "random_orders_per_example": RANDOM_ORDERS,
+            **{m: summarize_model_faithfulness(faithfulness_rows[m], n_resamples, seed) for m in MODELS},
+            "zero_shot_vs_fine_tuned": compare_model_faithfulness(
+                faithfulness_rows[ZERO_SHOT], faithfulness_rows[FINE_TUNED], n_resamples, seed
+            ),
+        },
+        "timing": {
+            "seconds_per_example": [r["seconds"] for r in records],
+            "note": "SHAP time per example for both models together (faithfulness excluded); resumed examples keep "
+            "the time of the run that computed them",
+        },
+    }
+
+
+# ---- the whole run ------------------------------------------------------------------------------------------------
+def _check_arguments(example_count: int, max_evals: int, batch_size: int, target: str) -> None:
+    if example_count < 1:
+        raise UserInputError(f"--shap-example-count must be at least 1, got {example_count}.")
+    if max_evals < 2:
+        raise UserInputError(
+            f"--shap-max-evals {max_evals} is too small: SHAP needs at least the full and the empty tweet (2); "
+            "use about 2 x the tweet length or more (default 200)."
+        )
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size must be at least 1, got {batch_size}.")
+    if target not in TARGETS:
+        raise UserInputError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}.")
+
+
+def _to_device(module) -> None:
+    # 4-bit weights are placed on their device when loaded; a full-precision backbone is moved here.
+    if torch.cuda.is_available() and not module.quantized:
+        module.to("cuda")
+
+
+def run_analysis(
+    config: str | Path,
+    adapter: str | Path,
+    output_dir: str | Path,
+    example_count: int = 10,
+    max_evals: int = 200,
+    batch_size: int = 16,
+    target: str = "predicted",
+    seed: int = 0,
+    n_resamples: int = 1000,
+    overrides: list[str] | None = None,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+    after_example: Callable[[int], None] | None = None,
+) -> AnalysisResult:
+    """Explain the first `example_count` eval tweets with both models and write every file into `output_dir`.
+
+    `after_example(index)` is called after each newly computed example is saved (tests use it to interrupt a run).
+    """
+    from scripts.cli import build_from_config
+
+    _check_arguments(example_count, max_evals, batch_size, target)
+    folder = check_output_dir(output_dir)
+    datamodule, module = build_from_config(str(config), list(overrides or []))
+    prompt = datamodule.prompt_description()
+    adapter_path = Path(adapter).expanduser().resolve()
+    load_fine_tuned(module, adapter_path, prompt)
+    _to_device(module)
+    label_names = datamodule.label_names
+    examples = datamodule.eval_examples
+    encoder = datamodule.encoder
+
+    notes: list[str] = []
+    if datamodule.skipped_empty:
+        notes.append(f"skipped {datamodule.skipped_empty} rows with an empty tweet (the data loader drops them)")
+    if example_count > len(examples):
+        notes.append(
+            f"--shap-example-count {example_count} is larger than the eval set; explaining all {len(examples)} examples"
+        )
+        example_count = len(examples)
+    for note in notes:
+        log(f"note: {note}")
+    logged = len(notes)
+
+    settings = {
+        "base_model": module.hparams.model_name,
+        "adapter": str(adapter_path),
+        "adapter_digest": adapter_digest(module),
+        "prompt": prompt,
+        "dataset": {key: datamodule.hparams[key] for key in ("dataset_name", "eval_split", "eval_subset", "seed")},
+        "max_evals": max_evals,
+        "target": target,
+        "seed": seed,
+        "masking": "masked tweet tokens are deleted; the base value is the empty tweet",
+        "masks_per_round": MASKS_PER_ROUND,
+        "explainer": f"shap {shap.__version__} Partition explainer, Text masker over the tweet tokens",
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    store = ProgressStore(folder / PROGRESS_DIR, settings, notes)
+    for note in notes[logged:]:
+        log(f"note: {note}")
+    masker = tweet_masker(encoder)
+    value_functions = model_value_functions(module, encoder, batch_size)
+    records: list[dict] = []
+    result = AnalysisResult(folder, {}, notes)
+    for index in range(example_count):
+        text, truncated = fit_to_budget(encoder, normalize_tweet(examples[index].text))
+        if not text or not encoder.tweet_ids(text):
+            notes.append(f"example {index} has an empty tweet; skipped")
+            log(f"note: {notes[-1]}")
+            continue
+        if truncated:
+            notes.append(f"example {index} is longer than the prompt allows; explained the tokens the model sees")
+        record = store.load(index, text)
+        if record is not None:
+            result.resumed.append(index)
+        else:
+            record = explain_example(
+                index, text, examples[index].label, encoder, masker, value_functions, max_evals, target, seed
+            )
+            store.save(index, record)
+            result.computed.append(index)
+            log(
+                f"explained example {index + 1}/{example_count} ({record['n_tokens']} tokens, "
+                f"{record['evals_used']} evaluations per model) in {record['seconds']:.1f} s"
+            )
+            if after_example is not None:
+                after_example(index)
+            record = json.loads((store.folder / f"{index}.json").read_text())  # identical to a resumed one
+        records.append(record)
+    if not records:
+        raise UserInputError(f"None of the first {example_count} eval examples has tweet text to explain.")
+
+    coarse = [r for r in records if r["resolution"] == "coarse"]
+    if coarse:
+        longest = max(r["n_tokens"] for r in coarse)
+        notes.append(
+            f"{len(coarse)} of {len(records)} examples have more than {max_evals // 2} tokens, too many for "
+            f"--shap-max-evals {max_evals} (the longest needs at least {2 * longest}): {BUDGET_NOTE}"
+        )
+        log(f"warning: {notes[-1]}")
+
+    result.metrics = interpretability_metrics(records, settings, notes, n_resamples, seed)
+    result.files = write_outputs(folder, records, result.metrics, label_names, settings)
+    return result
+
+
+def write_outputs(folder: Path, records: list[dict], metrics: dict, label_names: list[str], settings: dict):
+    files = []
+    for model in MODELS:
+        content = explanation_file_content(model, records, label_names, settings)
+        files.append(write_json_atomic(folder / SHAP_FILES[model], content))
+        files.append(
+            plot_top_tokens(
+                metrics[model]["top_tokens"],
+                f"{DISPLAY_NAMES[model]}: top {TOP_TOKENS} tokens ({len(records)} tweets)",
+                folder / SUMMARY_PLOTS[model],
+            )
+        )
+    faithfulness = {DISPLAY_NAMES[m]: metrics["faithfulness"][m] for m in MODELS}
+    files.append(plot_deletion_curves(faithfulness, folder / DELETION_PLOT))
+    page = explanations_html(records, label_names, DISPLAY_NAMES, "Zero-shot vs fine-tuned: SHAP of the tweet tokens")
+    files.append(write_text_atomic(folder / HTML_FILE, page))
+    files.append(write_json_atomic(folder / METRICS_FILE, metrics))
+    return files
+
+
+def summary_lines(result: AnalysisResult) -> list[str]:
+    """A short report of a run: what was explained, the headline comparisons, the checks, the files."""
+    m = result.metrics
+    comparison, faithfulness = m["comparison"], m["faithfulness"]
+    lines = [
+        f"explained {m['n_examples']} tweets ({len(result.computed)} computed now, {len(result.resumed)} resumed)",
+        f"additivity: largest |base + sum(SHAP) - f(x)| = {m['additivity']['max_abs_error']:.2e}",
+    ]
+    for model in MODELS:
+        stats = m[model]
+        top = ", ".join(row["token"] for row in stats["top_tokens"][:5])
+        comp = faithfulness[model]["comprehensiveness"]["mean_aopc"]
+        comp_random = faithfulness[model]["comprehensiveness_random"]["mean_aopc"]
+        lines.append(
+            f"{DISPLAY_NAMES[model]:>10}: mean |SHAP| {stats['mean_abs_importance']:.4f}, Gini {stats['mean_gini']:.3f}"
+            f", comprehensiveness AOPC {comp:.3f} (random {comp_random:.3f}); top tokens: {top}"
+        )
+    cosine = comparison["cosine_similarity"]
+    if cosine["mean"] is not None:
+        lines.append(
+            f"zero-shot vs fine-tuned: cosine {cosine['mean']:.3f} [{cosine['ci_low']:.3f}, {cosine['ci_high']:.3f}]"
+        )
+    lines.extend(f"note: {note}" for note in result.notes)
+    lines.append(f"results in {result.output_dir}")
+    lines.extend(f"  {path.name}" for path in result.files)
+    return lines

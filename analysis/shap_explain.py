@@ -1,0 +1,295 @@
+"""SHAP over the tweet's own tokens: masker, value function, explainer, per-example records and their loader.
+
+What is a feature. Only the tweet's tokens, exactly as `PromptEncoder.tweet_ids` encodes them; the instruction and
+the `Label:` tail are fixed context. shap's Text masker masks the tweet *string*; the value function puts every
+masked tweet back into the prompt through `PromptEncoder.continuation` (the one prompt builder) and reads the
+label-token probabilities through `score_prompts` (the one scorer), with the instruction's key/value cache
+computed once per model state.
+
+How a token is masked. It is deleted (empty mask token), not replaced by a placeholder. A causal LM has no mask
+token, and any placeholder ("...", "_", <unk>) is itself text the model reads: "..." signals hesitation or
+sarcasm, which would leak into every attribution. Deletion keeps every model input a plain tweet; all-masked is the
+empty tweet, so the base value is the model's prediction with no tweet evidence at all. The faithfulness curves
+remove tokens the same way, so SHAP and AOPC answer the same question.
+
+Both models see identical masked inputs: one Partition explainer evaluates the zero-shot and the fine-tuned value
+functions side by side on every coalition it chooses (its outputs are the two probability vectors concatenated),
+so a difference between the explanations is never a difference in which coalitions were sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import shap
+import torch
+
+from datamodules.prompts import PromptEncoder
+from lightning_modules.scoring import PrefixCache, score_prompts
+
+ZERO_SHOT = "zero_shot"
+FINE_TUNED = "fine_tuned"
+MODELS = (ZERO_SHOT, FINE_TUNED)
+TARGETS = ("predicted", "gold")
+# Coalitions the explainer asks for per round; independent of the forward batch size, so changing --batch-size
+# (e.g. for memory) never changes which coalitions a budget-limited run evaluates.
+MASKS_PER_ROUND = 32
+BUDGET_NOTE = (
+    "shap's Partition explainer spends 2 evaluations on the full and the empty tweet and 2 per split of a group of "
+    "tokens; with fewer than 2 x n_tokens evaluations some group of adjacent tokens is never split, and its tokens "
+    "share the group's credit equally (the values still add up to f(x) - base value, but the ranking inside the "
+    "group is lost). Exact Owen values need `evals_for_exact_owen` evaluations."
+)
+
+
+# ---- features: the tweet's tokens --------------------------------------------------------------------------------
+def normalize_tweet(text: str) -> str:
+    """Whitespace-normalised tweet (as the DataModule stores it), so an unmasked tweet rebuilds the same prompt."""
+    return " ".join(str(text).split())
+
+
+class TweetTokenizer:
+    """The tweet's tokens as `PromptEncoder.tweet_ids` encodes them, with character offsets into the tweet.
+
+    This is the minimal tokenizer interface shap's Text masker reads (`input_ids`, `offset_mapping`). Byte-level
+    tokenizers split one character (an emoji) into several tokens with overlapping offsets; overlaps are cut so the
+    segments tile the tweet exactly: the first token carries the character, the rest get empty segments (masking
+    them changes nothing, so their value is 0).
+    """
+
+    def __init__(self, encoder: PromptEncoder):
+        self.encoder = encoder
+
+    def __call__(self, text: str, return_offsets_mapping: bool = True, **_) -> dict:
+        stripped = text.strip()
+        if not stripped:  # shap probes "" for special tokens; a tweet without text has no features
+            return {"input_ids": [], "offset_mapping": []}
+        encoded = self.encoder.tokenizer(" " + stripped, add_special_tokens=False, return_offsets_mapping=True)
+        lead = len(text) - len(text.lstrip()) - 1  # offsets are into " " + stripped
+        offsets, end = [], lead + 1
+        for start, stop in encoded["offset_mapping"]:
+            start = max(start + lead, end)
+            end = max(stop + lead, start)
+            offsets.append((start, end))
+        return {"input_ids": list(encoded["input_ids"]), "offset_mapping": offsets}
+
+
+def tweet_masker(encoder: PromptEncoder) -> shap.maskers.Text:
+    """shap's Text masker over the tweet's tokens that deletes masked tokens (see the module docstring)."""
+    masker = shap.maskers.Text(TweetTokenizer(encoder), mask_token="...", collapse_mask_token=True)
+    # The constructor looks up the mask token's id (used only for token-id output, not here), so it needs a
+    # non-empty one; shap writes " " + mask_token per masked run, so an empty one deletes the run.
+    masker.mask_token = ""
+    return masker
+
+
+def mask_tweet(masker: shap.maskers.Text, text: str, keep: np.ndarray) -> str:
+    """The tweet with the tokens where `keep` is False deleted, exactly as the explainer masks it."""
+    return str(masker(np.asarray(keep, dtype=bool), text)[0][0])
+
+
+def fit_to_budget(encoder: PromptEncoder, text: str) -> tuple[str, bool]:
+    """The tweet cut to the tokens the prompt keeps (the encoder truncates long tweets inside the tweet)."""
+    encoded = TweetTokenizer(encoder)(text)
+    if len(encoded["input_ids"]) <= encoder.tweet_budget:
+        return text, False
+    return text[: encoded["offset_mapping"][encoder.tweet_budget - 1][1]], True
+
+
+# ---- the value function -----------------------------------------------------------------------------------------
+class LabelProbabilities:
+    """Value function of one model state: tweet strings -> label-token probabilities, shape (n, classes).
+
+    `state` is entered around every call (e.g. `module.zero_shot` disables the adapter), and the prefix cache is
+    computed inside it once, on first use, so each model state gets its own instruction cache.
+    """
+
+    def __init__(
+        self,
+        model,
+        encoder: PromptEncoder,
+        batch_size: int = 16,
+        state: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        use_prefix_cache: bool = True,
+    ):
+        self.model = model
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.state = state
+        self.use_prefix_cache = use_prefix_cache
+        self.pad_token_id = encoder.tokenizer.pad_token_id or 0
+        self.prefix_cache: PrefixCache | None = None
+        self.evaluations = 0
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        continuations = [self.encoder.continuation(str(text)) for text in texts]
+        with self.state():
+            if self.use_prefix_cache and self.prefix_cache is None:
+                device = next(self.model.parameters()).device
+                self.prefix_cache = PrefixCache(self.model, self.encoder.prefix_ids, device)
+            scores = score_prompts(
+                self.model,
+                self.encoder.prefix_ids,
+                continuations,
+                self.encoder.label_token_ids,
+                batch_size=self.batch_size,
+                use_prefix_cache=self.use_prefix_cache,
+                pad_token_id=self.pad_token_id,
+                prefix_cache=self.prefix_cache,
+            )
+        self.evaluations += len(continuations)
+        return scores.probabilities
+
+
+def model_value_functions(
+    module, encoder: PromptEncoder, batch_size: int = 16, use_prefix_cache: bool = True
+) -> dict[str, LabelProbabilities]:
+    """The zero-shot (adapter disabled) and fine-tuned value functions of a classifier, in eval mode."""
+    module.eval()  # LoRA dropout off: explanations of a deterministic function
+    return {
+        ZERO_SHOT: LabelProbabilities(module.backbone, encoder, batch_size, module.zero_shot, use_prefix_cache),
+        FINE_TUNED: LabelProbabilities(module.backbone, encoder, batch_size, use_prefix_cache=use_prefix_cache),
+    }
+
+
+# ---- explaining one tweet ---------------------------------------------------------------------------------------
+def evals_for_exact_owen(clustering: np.ndarray) -> int:
+    """Evaluations the Partition explainer needs to expand every group in every context (exact Owen values).
+
+    With `fixed_context=None` each expansion of a group costs 2 evaluations and queues each child twice (once
+    with the sibling masked, once unmasked), so a group at depth d is expanded 2**d times; plus the full and the
+    empty input.
+    """
+    clustering = np.asarray(clustering)
+    n_leaves = len(clustering) + 1
+    expansions = {2 * n_leaves - 2: 1} if len(clustering) else {}
+    total = 0
+    for row in range(len(clustering) - 1, -1, -1):  # parents come after their children in a linkage matrix
+        count = expansions.get(n_leaves + row, 0)
+        total += count
+        for child in clustering[row, :2].astype(int):
+            if child >= n_leaves:
+                expansions[child] = expansions.get(child, 0) + 2 * count
+    return 2 + 2 * total
+
+
+@contextlib.contextmanager
+def _seeded_numpy(seed: int) -> Iterator[None]:
+    """shap breaks priority ties with the global numpy RNG: seed it per example (resumed runs match) and restore."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def explain_tweet(
+    text: str,
+    value_functions: Mapping[str, Callable[[Sequence[str]], np.ndarray]],
+    masker: shap.maskers.Text,
+    max_evals: int,
+    seed: int = 0,
+) -> dict:
+    """Partition-explain one tweet for every value function on the same coalitions.
+
+    Returns `{"models": {name: {"values" (n_tokens, classes), "base_values" (classes,)}}, "data", "feature_names",
+    "evals_used", "evals_for_exact_owen"}`.
+    """
+    names = list(value_functions)
+
+    def joint(texts) -> np.ndarray:
+        texts = [str(t) for t in texts]
+        return np.concatenate([value_functions[name](texts) for name in names], axis=1)
+
+    segments = [str(segment) for segment in masker.data_transform(text)[0]]
+    feature_names = [str(name) for name in masker.feature_names(text)[0]]
+    if len(segments) == 1:
+        # shap cannot build a partition tree over one token; its Shapley value is exactly f(x) - f(empty).
+        base, full = joint([""])[0], joint([text])[0]
+        values, evals_used, evals_exact = (full - base)[None, :], 2, 2
+    else:
+        explainer = shap.explainers.Partition(joint, masker)
+        with _seeded_numpy(seed):
+            explanation = explainer([text], max_evals=max_evals, batch_size=MASKS_PER_ROUND, silent=True)
+        values = np.asarray(explanation.values[0], dtype=float)
+        base = np.asarray(explanation.base_values[0], dtype=float)
+        evals_used = int(explainer.last_eval_count) + 2
+        evals_exact = evals_for_exact_owen(masker.clustering(text))
+    classes = values.shape[1] // len(names)
+    columns = {name: slice(k * classes, (k + 1) * classes) for k, name in enumerate(names)}
+    models = {name: {"values": values[:, cols], "base_values": base[cols]} for name, cols in columns.items()}
+    return {
+        "models": models,
+        "data": segments,
+        "feature_names": feature_names,
+        "evals_used": evals_used,
+        "evals_for_exact_owen": evals_exact,
+    }
+
+
+def budget_resolution(n_tokens: int, max_evals: int, evals_for_exact: int) -> str:
+    """`exact` (every group split in every context), `approximate`, or `coarse` (some group never split)."""
+    if max_evals >= evals_for_exact:
+        return "exact"
+    return "approximate" if max_evals >= 2 * n_tokens else "coarse"
+
+
+# ---- files: one record per example, gathered into one JSON per model ---------------------------------------------
+def explanation_file_content(model: str, records: Sequence[dict], label_names: Sequence[str], settings: dict) -> dict:
+    """The `<model>_shap.json` content from per-example records (see `analysis.analyze`)."""
+    return {
+        "model": model,
+        "output_names": list(label_names),
+        "values": [record["models"][model]["values"] for record in records],
+        "base_values": [record["models"][model]["base_values"] for record in records],
+        "data": [record["data"] for record in records],
+        "feature_names": [record["feature_names"] for record in records],
+        "target_classes": [record["models"][model]["target"] for record in records],
+        "target_names": [label_names[record["models"][model]["target"]] for record in records],
+        "example_indices": [record["index"] for record in records],
+        "texts": [record["text"] for record in records],
+        "gold": [record["gold"] for record in records],
+        "predicted": [record["models"][model]["predicted"] for record in records],
+        "probabilities": [record["models"][model]["probabilities"] for record in records],
+        "additivity_error": [record["models"][model]["additivity_error"] for record in records],
+        "settings": settings,
+    }
+
+
+def load_explanation(path: str | os.PathLike, target_only: bool = False) -> shap.Explanation:
+    """A `<model>_shap.json` file as a `shap.Explanation` (ragged: one row per example).
+
+    values[i] is (n_tokens_i, classes); with `target_only` it is (n_tokens_i,) for that example's target class and
+    base_values[i] the target's base value, ready for `shap.plots.text(explanation[i])`.
+    """
+    content = json.loads(Path(path).read_text())
+    values = [np.asarray(v, dtype=float).reshape(len(d), -1) for v, d in zip(content["values"], content["data"])]
+    base = np.asarray(content["base_values"], dtype=float)
+    data = [np.asarray(segments, dtype=object) for segments in content["data"]]
+    if target_only:
+        targets = content["target_classes"]
+        return shap.Explanation(
+            values=[v[:, t] for v, t in zip(values, targets)],
+            base_values=base[np.arange(len(targets)), targets] if len(targets) else base,
+            data=data,
+            feature_names=content["feature_names"],
+        )
+    return shap.Explanation(
+        values=values,
+        base_values=base,
+        data=data,
+        feature_names=content["feature_names"],
+        output_names=content["output_names"],
+    )
+
+
+def target_values(content: Mapping) -> list[np.ndarray]:
+    """Each example's SHAP values for its target class, from a `<model>_shap.json` content dict."""
+    return [np.asarray(v, dtype=float)[:, t] for v, t in zip(content["values"], content["target_classes"])]

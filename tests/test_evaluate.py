@@ -1,0 +1,387 @@
+"""scripts/evaluate.py as a user runs it: every output file checked against independent computations; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_llama, synthetic_rows, write_csv
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "evaluate.py"
+FAKE_TOKEN = "hf_never_written_anywhere_123"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ZERO_SHOT_FILES = {
+    "zero_shot_metrics.json",
+    "predictions.jsonl",
+    "metrics_comparison.png",
+    "confusion_matrices.png",
+    "reliability_diagram.png",
+    "tensorboard",
+}
+ALL_FILES = ZERO_SHOT_FILES | {"fine_tuned_metrics.json", "comparison.json"}
+
+
+def write_config(path: Path, model: str, dataset: str, root: Path, **data) -> Path:
+    lines = [
+        "seed_everything: 0",
+        "trainer:",
+        f"  default_root_dir: {root}",
+        "model:",
+        f"  model_name: {model}",
+        "  load_in_4bit: false",
+        "  learning_rate: 0.02",
+        "  warmup_ratio: 0.0",
+        "  lora_dropout: 0.0",
+        "data:",
+        f"  dataset_name: {dataset}",
+        "  batch_size: 8",
+        "  eval_batch_size: 5",  # several batches, so the length-sorted order must be undone
+        "  seed: 0",
+    ] + [f"  {key}: {json.dumps(value)}" for key, value in data.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, synthetic_folder) -> dict:
+    """A config, and the adapter of a short real fit exported both as a peft folder and a Lightning checkpoint."""
+    import lightning as L
+
+    from lightning_modules.export_adapter import write_adapter
+    from scripts.cli import build_from_config
+
+    root = tmp_path_factory.mktemp("evaluate")
+    config = write_config(root / "tiny.yaml", tiny_model_dir, synthetic_folder, root / "train")
+    datamodule, module = build_from_config(str(config), [])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule)
+    adapter = write_adapter(module, root / "lora_adapter", datamodule.prompt_description())
+    checkpoint = root / "adapter.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    return {"root": root, "config": config, "adapter": adapter, "checkpoint": checkpoint, "model": tiny_model_dir}
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def read_predictions(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+def read_outputs(folder: Path) -> dict:
+    out = {name: json.loads((folder / name).read_text()) for name in ALL_FILES if name.endswith(".json")}
+    out["rows"] = read_predictions(folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def user_run(trained) -> dict:
+    """One run of the script with an adapter, as a user types it."""
+    folder = trained["root"] / "report"
+    done = run_script(
+        "--config", str(trained["config"]), "--adapter", str(trained["adapter"]), "--output-dir", str(folder)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"folder": folder, "stdout": done.stdout, **read_outputs(folder)}
+
+
+@torch.no_grad()
+def plain_forward_probabilities(model, tokenizer, texts: list[str], label_names: list[str]) -> np.ndarray:
+    """Label-token softmax from one uncached, unpadded forward per prompt, logits taken at the last position."""
+    from datamodules.prompts import PromptEncoder
+
+    encoder = PromptEncoder(tokenizer, label_names)
+    rows = []
+    for text in texts:
+        logits = model(torch.tensor([encoder.encode(text).input_ids])).logits[0, -1]
+        rows.append(torch.softmax(logits[encoder.label_token_ids].double(), dim=-1).numpy())
+    return np.array(rows)
+
+
+def probabilities(rows: list[dict], model: str, label_names: list[str]) -> np.ndarray:
+    return np.array([[row[model]["probabilities"][name] for name in label_names] for row in rows])
+
+
+# ---- a full run ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_writes_every_file_and_prints_the_figure_paths(user_run):
+    folder = user_run["folder"]
+    assert {p.name for p in folder.iterdir()} == ALL_FILES
+    assert not list(folder.rglob("*.tmp"))
+    printed = [Path(line.strip()) for line in user_run["stdout"].splitlines() if line.strip().endswith(".png")]
+    assert printed == [
+        folder / "metrics_comparison.png",
+        folder / "confusion_matrices.png",
+        folder / "reliability_diagram.png",
+    ]
+    for path in printed:
+        assert path.is_absolute() and path.read_bytes().startswith(PNG_SIGNATURE)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_predictions_hold_the_eval_split_and_both_models(user_run, trained, synthetic_folder):
+    import csv
+
+    with open(Path(synthetic_folder) / "test.csv") as handle:
+        gold = [(" ".join(row["text"].split()), row["label"]) for row in csv.DictReader(handle)]
+    rows = user_run["rows"]
+    assert [(row["text"], row["label"]) for row in rows] == gold
+    label_names = user_run["zero_shot_metrics.json"]["label_names"]
+    for row in rows:
+        assert label_names[row["label_index"]] == row["label"]
+        for model in ("zero_shot", "fine_tuned"):
+            probs = np.array([row[model]["probabilities"][name] for name in label_names])
+            assert probs.sum() == pytest.approx(1.0)
+            assert row[model]["prediction"] == label_names[int(probs.argmax())]
+            assert row[model]["correct"] == (row[model]["prediction"] == row["label"])
+            assert 0 < row[model]["label_space_mass"] <= 1
+
+
+@pytest.mark.slow
+def test_zero_shot_is_the_plain_base_model_and_fine_tuned_is_the_peft_adapter(user_run, trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows, label_names = user_run["rows"], user_run["zero_shot_metrics.json"]["label_names"]
+    texts = [row["text"] for row in rows]
+    tokenizer = AutoTokenizer.from_pretrained(trained["model"])
+    base = AutoModelForCausalLM.from_pretrained(trained["model"]).eval()
+    expected_zero_shot = plain_forward_probabilities(base, tokenizer, texts, label_names)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained["model"]), trained["adapter"])
+    expected_fine_tuned = plain_forward_probabilities(tuned.eval(), tokenizer, texts, label_names)
+
+    zero_shot = probabilities(rows, "zero_shot", label_names)
+    fine_tuned = probabilities(rows, "fine_tuned", label_names)
+    assert np.abs(zero_shot - expected_zero_shot).max() <= 1e-5
+    assert np.abs(fine_tuned - expected_fine_tuned).max() <= 1e-5
+    assert np.abs(fine_tuned - zero_shot).max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["zero_shot", "fine_tuned"])
+def test_metrics_files_agree_with_the_predictions(user_run, trained, model):
+    rows, metrics = user_run["rows"], user_run[f"{model}_metrics.json"]
+    label_names = metrics["label_names"]
+    gold = np.array([row["label_index"] for row in rows])
+    predicted = np.array([row[model]["prediction_index"] for row in rows])
+    probs = probabilities(rows, model, label_names)
+    assert metrics["n_examples"] == len(rows) == 24
+    assert metrics["accuracy"] == pytest.approx(np.mean(gold == predicted), abs=1e-6)
+    confusion = np.zeros((3, 3), dtype=int)
+    np.add.at(confusion, (gold, predicted), 1)
+    assert metrics["confusion_matrix"] == confusion.tolist()
+    for k, name in enumerate(label_names):
+        stats = metrics["per_class"][name]
+        assert stats["support"] == int(np.sum(gold == k))
+        if confusion[k].sum():
+            assert stats["recall"] == pytest.approx(confusion[k, k] / confusion[k].sum(), abs=1e-6)
+    assert metrics["mean_max_probability"] == pytest.approx(probs.max(1).mean(), abs=1e-6)
+    assert metrics["label_space_mass"] == pytest.approx(np.mean([row[model]["label_space_mass"] for row in rows]))
+    assert metrics["format_compliance"] == pytest.approx(np.mean([row[model]["top_token_is_label"] for row in rows]))
+    for key in ("precision", "recall", "f1", "macro_f1", "macro_recall", "mcc", "ece"):
+        assert isinstance(metrics[key], float)
+    for name in ("accuracy", "macro_f1"):
+        ci = metrics["confidence_intervals"][name]
+        assert ci["n_resamples"] >= 1000 and ci["confidence"] == 0.95
+        assert ci["low"] <= metrics[name] + 1e-9 and metrics[name] - 1e-9 <= ci["high"]
+    source = metrics["source"]
+    assert source["model"] == model and source["base_model"] == trained["model"]
+    assert source["config"] == str(trained["config"])
+    assert source["adapter"] == (str(trained["adapter"]) if model == "fine_tuned" else None)
+    assert source["prompt"]["label_names"] == label_names and source["prompt"]["instruction"]
+
+
+@pytest.mark.slow
+def test_comparison_is_the_paired_difference_and_mcnemar(user_run):
+    rows, comparison = user_run["rows"], user_run["comparison.json"]
+    zero_shot = np.array([row["zero_shot"]["correct"] for row in rows])
+    fine_tuned = np.array([row["fine_tuned"]["correct"] for row in rows])
+    accuracy = comparison["differences"]["accuracy"]
+    assert accuracy["difference"] == pytest.approx(fine_tuned.mean() - zero_shot.mean(), abs=1e-6)
+    assert accuracy["ci_low"] <= accuracy["difference"] + 1e-9 <= accuracy["ci_high"] + 2e-9
+    assert accuracy["baseline_value"] == pytest.approx(user_run["zero_shot_metrics.json"]["accuracy"])
+    mcnemar = comparison["mcnemar"]
+    assert mcnemar["b_only_first_correct"] == int(np.sum(zero_shot & ~fine_tuned))
+    assert mcnemar["c_only_second_correct"] == int(np.sum(~zero_shot & fine_tuned))
+    assert 0 <= mcnemar["p_value"] <= 1 and comparison["n_resamples"] >= 1000
+    assert comparison["source"]["adapter"] == user_run["fine_tuned_metrics.json"]["source"]["adapter"]
+
+
+@pytest.mark.slow
+def test_headline_metrics_are_in_tensorboard(user_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(user_run["folder"] / "tensorboard"))
+    events.Reload()
+    for model in ("zero_shot", "fine_tuned"):
+        for name in ("accuracy", "macro_f1", "ece", "label_space_mass"):
+            (scalar,) = events.Scalars(f"{model}/{name}")
+            assert scalar.value == pytest.approx(user_run[f"{model}_metrics.json"][name], abs=1e-6)
+    (difference,) = events.Scalars("comparison/accuracy_difference")
+    assert difference.value == pytest.approx(user_run["comparison.json"]["differences"]["accuracy"]["difference"])
+
+
+@pytest.mark.slow
+def test_a_lightning_checkpoint_gives_the_same_fine_tuned_model(user_run, trained, tmp_path):
+    from analysis.evaluation import evaluate
+
+    result = evaluate(trained["config"], tmp_path / "ckpt", adapter=trained["checkpoint"], progress_bar=False)
+    label_names = result.metrics["zero_shot"]["label_names"]
+    rows = read_outputs(tmp_path / "ckpt")["rows"]
+    for model in ("zero_shot", "fine_tuned"):
+        np.testing.assert_allclose(
+            probabilities(rows, model, label_names), probabilities(user_run["rows"], model, label_names), atol=1e-6
+        )
+
+
+def test_without_adapter_only_zero_shot_files_are_written(trained, tmp_path):
+    from analysis.evaluation import evaluate
+
+    folder = tmp_path / "zero-shot"
+    folder.mkdir()
+    # An earlier run with an adapter left these: they must not sit next to a zero-shot-only run.
+    (folder / "fine_tuned_metrics.json").write_text("{}")
+    (folder / "comparison.json").write_text("{}")
+    result = evaluate(trained["config"], folder, eval_subset=9, n_resamples=1000, progress_bar=False)
+    assert {p.name for p in folder.iterdir()} == ZERO_SHOT_FILES
+    assert result.comparison is None and set(result.metrics) == {"zero_shot"}
+    rows = read_predictions(folder)
+    assert len(rows) == 9 and all("fine_tuned" not in row for row in rows)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_inputs(trained, synthetic_folder, tmp_path_factory) -> dict:
+    """One broken input per case; each maps to evaluate.py arguments (before --output-dir)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("bad")
+    config, adapter, model = str(trained["config"]), trained["adapter"], trained["model"]
+    other_model = save_tiny_llama(root / "other-llama", seed=1)
+    corrupt = shutil.copytree(adapter, root / "corrupt_adapter")
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    bad_meta = shutil.copytree(adapter, root / "bad_meta")
+    (bad_meta / "classification.json").write_text("{not json")
+    (root / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    (root / "a_file").write_text("")
+    no_positive = root / "no_positive"
+    no_positive.mkdir()
+    write_csv(no_positive / "train.csv", synthetic_rows(12, seed=3))
+    write_csv(no_positive / "test.csv", [row for row in synthetic_rows(12, seed=4) if row[1] != "positive"])
+
+    def cfg(name: str, model_name: str = model, data_root: str = synthetic_folder, **data) -> str:
+        return str(write_config(root / f"{name}.yaml", model_name, data_root, root / "train", **data))
+
+    return {
+        "missing config": (["--config", str(root / "missing.yaml")], "does not exist"),
+        "missing adapter": (["--config", config, "--adapter", str(root / "nope")], "does not exist"),
+        "corrupt adapter": (["--config", config, "--adapter", str(corrupt)], "is corrupt"),
+        "corrupt adapter metadata": (["--config", config, "--adapter", str(bad_meta)], "corrupt classification.json"),
+        "corrupt checkpoint": (["--config", config, "--adapter", str(root / "garbage.ckpt")], "missing or corrupt"),
+        "adapter of another base model": (
+            ["--config", cfg("other_base", model_name=str(other_model)), "--adapter", str(adapter)],
+            "was trained on",
+        ),
+        "label space differs": (
+            ["--config", cfg("two_labels", label_space=["negative", "positive"]), "--adapter", str(adapter)],
+            "trained on labels",
+        ),
+        "prompt differs": (
+            ["--config", cfg("digits", prompt_style="seed-digits"), "--adapter", str(adapter)],
+            "prompt_style",
+        ),
+        "eval split empty after label filtering": (
+            ["--config", cfg("empty_eval", data_root=str(no_positive), label_space=["positive"])],
+            "no rows left",
+        ),
+        "output folder under a file": (["--config", config, "--output-dir", str(root / "a_file" / "out")], "is a file"),
+    }
+
+
+CASES = [
+    "missing config",
+    "missing adapter",
+    "corrupt adapter",
+    "corrupt adapter metadata",
+    "corrupt checkpoint",
+    "adapter of another base model",
+    "label space differs",
+    "prompt differs",
+    "eval split empty after label filtering",
+    "output folder under a file",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(bad_inputs, case, tmp_path, capsys):
+    from scripts.evaluate import main
+
+    args, expected = bad_inputs[case]
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("earlier results")
+    if "--output-dir" not in args:
+        args = [*args, "--output-dir", str(folder)]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_bad_input_as_a_user_sees_it_has_no_traceback(bad_inputs, tmp_path):
+    args, expected = bad_inputs["adapter of another base model"]
+    folder = tmp_path / "never-created"
+    done = run_script(*args, "--output-dir", str(folder))
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last
+    assert "Traceback" not in done.stderr and sum(line.startswith("error:") for line in done.stderr.splitlines()) == 1
+    assert not folder.exists()
+
+
+# ---- the embedded model -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_embedded_model_zero_shot_run_matches_a_plain_forward(embedded_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "embedded"
+    done = run_script(
+        "--config", str(REPO / "configs" / "embedded.yaml"), "--eval-subset", "6", "--output-dir", str(folder)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in folder.iterdir()} == ZERO_SHOT_FILES
+    metrics = json.loads((folder / "zero_shot_metrics.json").read_text())
+    rows = read_predictions(folder)
+    assert metrics["n_examples"] == len(rows) == 6
+    assert metrics["source"]["base_model"] == "embedded:smollm2-135m-instruct"
+    label_names = metrics["label_names"]
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir).eval()
+    expected = plain_forward_probabilities(
+        model, AutoTokenizer.from_pretrained(embedded_model_dir), [row["text"] for row in rows], label_names
+    )
+    assert np.abs(probabilities(rows, "zero_shot", label_names) - expected).max() <= 1e-4
