@@ -24,12 +24,20 @@ class EncodedPrompt:
     truncated: bool
 
 
-def _instruction(style: str, label_names: Sequence[str], label_words: Sequence[str]) -> str:
+def _instruction(
+    style: str, label_names: Sequence[str], label_words: Sequence[str], demonstrations: Sequence[tuple[str, int]]
+) -> str:
     if style == "seed-digits":
         digits = ", ".join(f"{word.strip()} for {name}" for word, name in zip(label_words, label_names))
-        return f"You are a sentiment classifier.\nAnswer with one digit: {digits}.\nTweet:"
-    choices = ", ".join(word.strip() for word in label_words)
-    return f"You are a sentiment classifier.\nClassify the tweet as one of: {choices}.\nTweet:"
+        header = f"You are a sentiment classifier.\nAnswer with one digit: {digits}.\n"
+    else:
+        choices = ", ".join(word.strip() for word in label_words)
+        header = f"You are a sentiment classifier.\nClassify the tweet as one of: {choices}.\n"
+    # k-shot demonstrations sit inside the fixed prefix, so the prefix cache serves them too.
+    shots = "".join(
+        f"Tweet: {' '.join(text.split())}{PromptEncoder.TAIL}{label_words[label]}\n\n" for text, label in demonstrations
+    )
+    return f"{header}{shots}Tweet:"
 
 
 def default_label_words(style: str, label_names: Sequence[str]) -> list[str]:
@@ -50,6 +58,7 @@ class PromptEncoder:
         label_words: Sequence[str] | None = None,
         style: str = "words",
         max_seq_length: int = 512,
+        demonstrations: Sequence[tuple[str, int]] = (),
     ):
         if style not in PROMPT_STYLES:
             raise UserInputError(f"Unknown prompt style '{style}'; choose one of {', '.join(PROMPT_STYLES)}.")
@@ -65,14 +74,16 @@ class PromptEncoder:
         self.label_token_ids = [self._single_token(word) for word in self.label_words]
         if len(set(self.label_token_ids)) != len(self.label_token_ids):
             raise UserInputError(f"The label words {self.label_words} do not map to distinct tokens; choose others.")
-        self.instruction = _instruction(style, self.label_names, self.label_words)
+        self.demonstrations = [(text, int(label)) for text, label in demonstrations]
+        self.instruction = _instruction(style, self.label_names, self.label_words, self.demonstrations)
         self.prefix_ids = list(tokenizer(self.instruction)["input_ids"])
         self.tail_ids = list(tokenizer(self.TAIL, add_special_tokens=False)["input_ids"])
         self.max_seq_length = max_seq_length
         self.tweet_budget = max_seq_length - len(self.prefix_ids) - len(self.tail_ids) - 1
         if self.tweet_budget < 1:
             raise UserInputError(
-                f"--data.max_seq_length {max_seq_length} leaves no room for the tweet: the template alone takes "
+                f"--data.max_seq_length {max_seq_length} leaves no room for the tweet: the template"
+                f"{' and its demonstrations' if demonstrations else ''} alone take "
                 f"{max_seq_length - self.tweet_budget} tokens; raise it."
             )
 
@@ -117,4 +128,43 @@ class PromptEncoder:
             "label_token_ids": self.label_token_ids,
             "instruction": self.instruction,
             "tail": self.TAIL,
+            "num_demonstrations": len(self.demonstrations),
         }
+
+
+def sample_demonstrations(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    k: int,
+    num_classes: int,
+    seed: int,
+    exclude_texts: Sequence[str] = (),
+) -> list[tuple[str, int]]:
+    """k seeded, class-balanced demonstrations from the given (training) rows, none of whose texts is excluded.
+
+    Each class gets k // num_classes shots, the first k % num_classes classes (in a seeded order) one more; the
+    shots are then shuffled so that no class always sits next to the query.
+    """
+    import numpy as np
+
+    if k <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    excluded = {" ".join(t.split()) for t in exclude_texts}
+    pools = {
+        c: [i for i, y in enumerate(labels) if y == c and " ".join(texts[i].split()) not in excluded]
+        for c in range(num_classes)
+    }
+    extra = set(rng.permutation(num_classes)[: k % num_classes].tolist())
+    chosen: list[tuple[str, int]] = []
+    for cls in range(num_classes):
+        want = k // num_classes + (1 if cls in extra else 0)
+        if want > len(pools[cls]):
+            raise UserInputError(
+                f"Cannot draw {want} demonstrations of class {cls} from the training split (only {len(pools[cls])} "
+                "rows); lower the number of demonstrations."
+            )
+        for index in rng.choice(pools[cls], size=want, replace=False):
+            chosen.append((texts[int(index)], cls))
+    order = rng.permutation(len(chosen))
+    return [chosen[i] for i in order]

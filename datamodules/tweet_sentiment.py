@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.embedded_tweets import EMBEDDED_DATASET
-from datamodules.prompts import PromptEncoder
+from datamodules.prompts import PromptEncoder, sample_demonstrations
 from datamodules.sources import infer_label_names, load_raw_splits, require_columns, require_split
 from lightning_modules.backbone import load_tokenizer, resolve_token
 from lightning_modules.embedded_model import EMBEDDED_MODEL
@@ -97,6 +97,7 @@ class TweetSentimentDataModule(L.LightningDataModule):
         train_subset / eval_subset: seeded sample sizes (None = all rows).
         prompt_style: `words` (label names as words) or `seed-digits` (the original digit template).
         label_words: verbalizer, one single-token word per class (default from the style and label names).
+        num_demonstrations: k-shot prompts: k seeded, class-balanced training tweets placed in the fixed prefix.
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class TweetSentimentDataModule(L.LightningDataModule):
         max_seq_length: int = 512,
         prompt_style: str = "words",
         label_words: list[str] | None = None,
+        num_demonstrations: int = 0,
         num_workers: int = 0,
     ):
         super().__init__()
@@ -235,11 +237,23 @@ class TweetSentimentDataModule(L.LightningDataModule):
     @property
     def encoder(self) -> PromptEncoder:
         if self._encoder is None:
-            hp = self.hparams
-            self._encoder = PromptEncoder(
-                self.tokenizer, self.label_names, hp.label_words, hp.prompt_style, hp.max_seq_length
-            )
+            self._encoder = self.make_encoder(self.hparams.num_demonstrations)
         return self._encoder
+
+    def make_encoder(self, num_demonstrations: int = 0) -> PromptEncoder:
+        """The prompt encoder of this data, optionally with k demonstrations drawn from the training rows only."""
+        hp = self.hparams
+        demonstrations = sample_demonstrations(
+            [e.text for e in self.train_examples],
+            [e.label for e in self.train_examples],
+            num_demonstrations,
+            len(self.label_names),
+            seed=hp.seed,
+            exclude_texts=[e.text for e in self.eval_examples],
+        )
+        return PromptEncoder(
+            self.tokenizer, self.label_names, hp.label_words, hp.prompt_style, hp.max_seq_length, demonstrations
+        )
 
     @property
     def label_token_ids(self) -> list[int]:
