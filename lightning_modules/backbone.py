@@ -94,18 +94,32 @@ def use_4bit(load_in_4bit: bool, force_4bit_on_cpu: bool) -> bool:
     return False
 
 
-def default_dtype() -> torch.dtype:
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_causal_lm(model_name: str, quantize_4bit: bool, token: str | None = None, revision: str | None = None):
+def resolve_dtype(name: str = "auto") -> torch.dtype:
+    """`auto`: bf16 on a CUDA GPU that supports it, else fp32 (a CPU without AMX/AVX512-BF16 emulates bf16 slowly)."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UserInputError(f"Unknown dtype '{name}'; use auto, {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def load_causal_lm(
+    model_name: str,
+    quantize_4bit: bool,
+    token: str | None = None,
+    revision: str | None = None,
+    dtype: str = "auto",
+):
     """A `*ForCausalLM` from safetensors only, optionally NF4-quantised with bitsandbytes."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     source = resolve_model_source(model_name)
-    dtype = default_dtype()
+    dtype = resolve_dtype(dtype)
     kwargs = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True, "token": resolve_token(token)}
     if revision:
         kwargs["revision"] = revision

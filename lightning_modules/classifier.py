@@ -51,6 +51,7 @@ class LoRASentimentClassifier(L.LightningModule):
         model_name: hub id (e.g. meta-llama/Llama-3.2-1B), a local folder, or `embedded:smollm2-135m-instruct`.
         label_names / label_token_ids: the classes and their verbalizer token ids (linked from the DataModule).
         load_in_4bit: NF4 quantisation; without CUDA it falls back to full precision unless `force_4bit_on_cpu`.
+        dtype: weights / compute dtype: `auto` (bf16 on a bf16-capable GPU, else fp32), `float32`, `bfloat16`.
         huggingface_token: for gated repos; never saved (the CLI moves it into the environment and blanks it).
     """
 
@@ -70,6 +71,7 @@ class LoRASentimentClassifier(L.LightningModule):
         warmup_ratio: float = 0.03,
         gradient_checkpointing: bool | None = None,
         revision: str | None = None,
+        dtype: str = "auto",
         huggingface_token: str | None = None,
     ):
         super().__init__()
@@ -83,7 +85,7 @@ class LoRASentimentClassifier(L.LightningModule):
         self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
         self.quantized = use_4bit(load_in_4bit, force_4bit_on_cpu)
         token = resolve_token(huggingface_token)
-        base = load_causal_lm(model_name, self.quantized, token=token, revision=revision)
+        base = load_causal_lm(model_name, self.quantized, token=token, revision=revision, dtype=dtype)
         checkpointing = self.quantized if gradient_checkpointing is None else gradient_checkpointing
         self.backbone = attach_lora(
             base,
