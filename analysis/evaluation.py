@@ -7,7 +7,6 @@ file is written, so a failed run leaves the output folder as it was.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -45,12 +44,6 @@ TENSORBOARD_METRICS = (
     "format_compliance",
 )
 # The prompt fields an adapter must share with the data it is evaluated on (label names are checked on load).
-PROMPT_KEYS = (
-    ("prompt_style", "--data.prompt_style"),
-    ("label_words", "--data.label_words"),
-    ("label_token_ids", "--data.label_words"),
-    ("instruction", "--data.prompt_style"),
-)
 
 
 @dataclass
@@ -98,31 +91,11 @@ def check_output_dir(path: str | Path) -> Path:
     return folder
 
 
-def check_adapter_prompt(meta: dict, prompt: dict, adapter: Path) -> None:
-    """An adapter answers in the prompt and label words it was trained with; evaluating it on others is noise."""
-    for key, flag in PROMPT_KEYS:
-        trained, current = meta.get(key), prompt.get(key)
-        if trained is not None and current is not None and trained != current:
-            raise UserInputError(
-                f"The adapter '{adapter}' was trained with {key} {trained!r} but the config gives {current!r}; "
-                f"set {flag} as in training."
-            )
-
-
 def load_fine_tuned(module, adapter: str | Path, prompt: dict) -> dict:
-    """Load the adapter into `module` (see `load_adapter`) and check it was trained on this prompt."""
+    """Load the adapter into `module`, checked against this base model, label space and prompt."""
     from lightning_modules.adapters import load_adapter
-    from lightning_modules.export_adapter import CLASSIFICATION_FILE
 
-    adapter = Path(adapter).expanduser().resolve()
-    try:
-        meta = load_adapter(module, adapter)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a damaged classification.json
-        raise UserInputError(
-            f"The adapter '{adapter}' has a corrupt {CLASSIFICATION_FILE} ({error}); export it again."
-        ) from error
-    check_adapter_prompt(meta, prompt, adapter)
-    return meta
+    return load_adapter(module, Path(adapter).expanduser().resolve(), prompt)
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ state is involved and nothing needs ``matplotlib.use``. Every PNG is written ato
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,21 +15,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from analysis.classification_metrics import ECE_BINS, expected_calibration_error, reliability_bins
+from analysis.files import write_bytes_atomic
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as PNG to ``path`` via a temp file in the same folder; readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=150, bbox_inches="tight")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``fig`` as PNG to ``path`` atomically; readers never see half a file."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def _require_models(by_model: Mapping) -> None:

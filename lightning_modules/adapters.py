@@ -10,9 +10,20 @@ import torch
 from lightning_modules.errors import UserInputError
 from lightning_modules.export_adapter import CLASSIFICATION_FILE
 
+# What an adapter was trained with that must hold again when it is evaluated or explained.
+PROMPT_KEYS = (
+    ("prompt_style", "--data.prompt_style"),
+    ("label_words", "--data.label_words"),
+    ("label_token_ids", "--data.label_words"),
+    ("num_demonstrations", "--data.num_demonstrations"),
+    ("instruction", "--data.prompt_style, --data.num_demonstrations and --data.seed"),
+)
 
-def load_adapter(module, path: str | Path) -> dict:
-    """Replace `module`'s LoRA weights with the saved ones, after checking they belong to this base and labels.
+
+def load_adapter(module, path: str | Path, prompt: dict | None = None) -> dict:
+    """Replace `module`'s LoRA weights with the saved ones, after checking they belong to this base, these labels
+    and (when `prompt` is given, see `PromptEncoder.describe`) this prompt: an adapter answers in the prompt and label
+    words it was trained with, so evaluating it on others would measure noise.
 
     Returns what is known about the adapter (base model, label names, prompt) for the caller to record.
     """
@@ -41,12 +52,18 @@ def load_adapter(module, path: str | Path) -> dict:
             f"The adapter '{path}' does not fit this model (different base architecture or LoRA settings); "
             "use the config it was trained with."
         )
+    for key, flag in PROMPT_KEYS if prompt else ():
+        trained, current = meta.get(key), prompt.get(key)
+        if trained is not None and current is not None and trained != current:
+            raise UserInputError(
+                f"The adapter '{path}' was trained with {key} {trained!r} but the config gives {current!r}; "
+                f"set {flag} as in training."
+            )
     module.load_state_dict(weights, strict=False)
     return meta
 
 
 def _read_adapter_folder(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from peft import PeftModel  # noqa: F401  (peft names the weight file)
     from safetensors.torch import load_file
 
     weights_file = path / "adapter_model.safetensors"
@@ -58,11 +75,11 @@ def _read_adapter_folder(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         config = json.loads(config_file.read_text())
         raw = load_file(str(weights_file))
+        meta = {"base_model": config.get("base_model_name_or_path")}
+        if (path / CLASSIFICATION_FILE).is_file():
+            meta.update(json.loads((path / CLASSIFICATION_FILE).read_text()))
     except Exception as error:  # truncated or corrupt files
         raise UserInputError(f"The adapter '{path}' is corrupt ({error}); export it again.") from error
-    meta = {"base_model": config.get("base_model_name_or_path")}
-    if (path / CLASSIFICATION_FILE).is_file():
-        meta.update(json.loads((path / CLASSIFICATION_FILE).read_text()))
     # peft stores keys without the adapter name: "base_model.model.<...>.lora_A.weight".
     weights = {}
     for key, value in raw.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -26,6 +27,8 @@ class SentimentCLI(LightningCLI):
         if token:
             os.environ["HF_TOKEN"] = token
             config.model.huggingface_token = None
+        if not self.subcommand:  # built for evaluation or analysis: no Trainer, nothing written
+            return
         root = config.trainer.get("default_root_dir") or os.getcwd()
         ensure_writable(Path(root), "--trainer.default_root_dir")
         # Checkpoints go to a fixed <root>/checkpoints (not a versioned log folder) so `--ckpt_path last` finds them.
@@ -68,13 +71,21 @@ def build_from_config(config: str | None, overrides: list[str] | None = None):
     args = (["--config", config] if config else []) + list(overrides or [])
     if config and not Path(config).is_file():
         raise UserInputError(f"The config '{config}' does not exist; pass e.g. --config configs/embedded.yaml.")
-    cli = SentimentCLI(
-        LoRASentimentClassifier,
-        TweetSentimentDataModule,
-        seed_everything_default=42,
-        run=False,
-        args=args,
-        save_config_callback=None,
-        trainer_defaults={"logger": False},
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*sys.argv.*")  # we pass args on purpose
+        cli = _ModelAndDataCLI(
+            LoRASentimentClassifier,
+            TweetSentimentDataModule,
+            seed_everything_default=42,
+            run=False,
+            args=args,
+            save_config_callback=None,
+        )
     return cli.datamodule, cli.model
+
+
+class _ModelAndDataCLI(SentimentCLI):
+    """Parses a training config but instantiates only the model and the data (no Trainer, no callbacks)."""
+
+    def instantiate_trainer(self, **kwargs):
+        return None

@@ -13,6 +13,9 @@ import pytest
 import torch
 from conftest import save_tiny_llama, synthetic_rows, write_csv
 
+# build_from_config passes its own args while pytest's argv is set; Lightning warns about that, harmlessly.
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"
 FAKE_TOKEN = "hf_never_written_anywhere_123"
@@ -300,7 +303,7 @@ def bad_inputs(trained, synthetic_folder, tmp_path_factory) -> dict:
         "missing config": (["--config", str(root / "missing.yaml")], "does not exist"),
         "missing adapter": (["--config", config, "--adapter", str(root / "nope")], "does not exist"),
         "corrupt adapter": (["--config", config, "--adapter", str(corrupt)], "is corrupt"),
-        "corrupt adapter metadata": (["--config", config, "--adapter", str(bad_meta)], "corrupt classification.json"),
+        "corrupt adapter metadata": (["--config", config, "--adapter", str(bad_meta)], "is corrupt"),
         "corrupt checkpoint": (["--config", config, "--adapter", str(root / "garbage.ckpt")], "missing or corrupt"),
         "adapter of another base model": (
             ["--config", cfg("other_base", model_name=str(other_model)), "--adapter", str(adapter)],
