@@ -38,6 +38,7 @@ from analysis.shap_explain import (
     MODELS,
     TARGETS,
     ZERO_SHOT,
+    TweetMasker,
     budget_resolution,
     explain_tweet,
     explanation_file_content,
@@ -113,11 +114,12 @@ def explain_example(
     text: str,
     gold: int,
     encoder,
-    masker: shap.maskers.Text,
+    masker: TweetMasker,
     value_functions: Mapping,
     max_evals: int,
     target: str,
     seed: int,
+    random_orders: int = RANDOM_ORDERS,
 ) -> dict:
     """Both models' SHAP values, targets, additivity errors and faithfulness for one (non-empty) tweet."""
     full = {name: fn([text])[0] for name, fn in value_functions.items()}
@@ -133,8 +135,9 @@ def explain_example(
         t = targets[name]
         # f(x) from its own forward pass, not the explainer's: the check covers the whole pipeline.
         errors = np.abs(base + values.sum(axis=0) - full[name])
+        rng = np.random.default_rng([seed, index, k])
         faithfulness = example_faithfulness(
-            text, values[:, t], t, float(full[name][t]), fn, masker, np.random.default_rng([seed, index, k])
+            text, values[:, t], t, float(full[name][t]), fn, masker, rng, random_orders=random_orders
         )
         models[name] = {
             "values": values,
@@ -144,6 +147,7 @@ def explain_example(
             "probabilities": full[name],
             "additivity_error": float(errors[t]),
             "additivity_error_all_classes": float(errors.max()),
+            "shared_credit_fraction": float(explained["models"][name]["shared_credit_fraction"][t]),
             "faithfulness": faithfulness,
         }
     return {
@@ -156,7 +160,9 @@ def explain_example(
         "max_evals": max_evals,
         "evals_used": explained["evals_used"],
         "evals_for_exact_owen": explained["evals_for_exact_owen"],
-        "resolution": budget_resolution(n_tokens, max_evals, explained["evals_for_exact_owen"]),
+        "resolution": budget_resolution(
+            n_tokens, max_evals, explained["evals_used"], explained["evals_for_exact_owen"]
+        ),
         "seconds": seconds,
         "models": models,
     }
@@ -200,10 +206,16 @@ def interpretability_metrics(records: list[dict], settings: dict, notes: list[st
             "max_evals": settings["max_evals"],
             "meaning": BUDGET_NOTE,
             "counts": {name: resolutions.count(name) for name in ("exact", "approximate", "coarse")},
+            "mean_shared_credit_fraction": {
+                model: float(np.mean([r["models"][model]["shared_credit_fraction"] for r in records]))
+                for model in MODELS
+            },
             "per_example": [
                 {
-                    key: r[key]
-                    for key in ("index", "n_tokens", "max_evals", "evals_used", "evals_for_exact_owen", "resolution")
+                    **{
+                        key: r[key] for key in ("index", "n_tokens", "evals_used", "evals_for_exact_owen", "resolution")
+                    },
+                    "shared_credit_fraction": {m: r["models"][m]["shared_credit_fraction"] for m in MODELS},
                 }
                 for r in records
             ],
@@ -215,7 +227,7 @@ def interpretability_metrics(records: list[dict], settings: dict, notes: list[st
         ),
         "faithfulness": {
             "fractions": list(FRACTIONS),
-            "random_orders_per_example": RANDOM_ORDERS,
+            "random_orders_per_example": settings["random_orders"],
             **{m: summarize_model_faithfulness(faithfulness_rows[m], n_resamples, seed) for m in MODELS},
             "zero_shot_vs_fine_tuned": compare_model_faithfulness(
                 faithfulness_rows[ZERO_SHOT], faithfulness_rows[FINE_TUNED], n_resamples, seed
@@ -227,6 +239,28 @@ def interpretability_metrics(records: list[dict], settings: dict, notes: list[st
             "the time of the run that computed them",
         },
     }
+
+
+def budget_warning(records: list[dict], max_evals: int) -> str | None:
+    """What a too-small --shap-max-evals did to these explanations, in one sentence (None when nothing)."""
+    shared = [r["models"][m]["shared_credit_fraction"] for r in records for m in MODELS]
+    coarse = [r for r in records if r["resolution"] == "coarse"]
+    if not coarse and max(shared) == 0:
+        return None
+    needed = sorted(r["evals_for_exact_owen"] for r in records)
+    sentence = f"with --shap-max-evals {max_evals}, "
+    if coarse:
+        longest = max(r["n_tokens"] for r in coarse)
+        sentence += (
+            f"{len(coarse)} of {len(records)} tweets have too many tokens for even one split of every token group "
+            f"(the longest, {longest} tokens, needs {2 * longest - 1}), and "
+        )
+    return sentence + (
+        f"on average {100 * np.mean(shared):.0f}% of the target-class credit sits on token groups shap had no budget "
+        f"to split, shared equally by their tokens (the values still add up; exact values need "
+        f"{needed[len(needed) // 2]} evaluations for the median tweet, {needed[-1]} for the longest; see "
+        f"budget.meaning in {METRICS_FILE})"
+    )
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------------
@@ -260,13 +294,15 @@ def run_analysis(
     target: str = "predicted",
     seed: int = 0,
     n_resamples: int = 1000,
+    random_orders: int = RANDOM_ORDERS,
     overrides: list[str] | None = None,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
     after_example: Callable[[int], None] | None = None,
 ) -> AnalysisResult:
     """Explain the first `example_count` eval tweets with both models and write every file into `output_dir`.
 
-    `after_example(index)` is called after each newly computed example is saved (tests use it to interrupt a run).
+    `random_orders`: random token rankings per example for the faithfulness baseline. `after_example(index)` is
+    called after each newly computed example is saved (tests use it to interrupt a run).
     """
     from scripts.cli import build_from_config
 
@@ -302,6 +338,7 @@ def run_analysis(
         "max_evals": max_evals,
         "target": target,
         "seed": seed,
+        "random_orders": random_orders,
         "masking": "masked tweet tokens are deleted; the base value is the empty tweet",
         "masks_per_round": MASKS_PER_ROUND,
         "explainer": f"shap {shap.__version__} Partition explainer, Text masker over the tweet tokens",
@@ -327,7 +364,16 @@ def run_analysis(
             result.resumed.append(index)
         else:
             record = explain_example(
-                index, text, examples[index].label, encoder, masker, value_functions, max_evals, target, seed
+                index,
+                text,
+                examples[index].label,
+                encoder,
+                masker,
+                value_functions,
+                max_evals,
+                target,
+                seed,
+                random_orders,
             )
             store.save(index, record)
             result.computed.append(index)
@@ -342,14 +388,10 @@ def run_analysis(
     if not records:
         raise UserInputError(f"None of the first {example_count} eval examples has tweet text to explain.")
 
-    coarse = [r for r in records if r["resolution"] == "coarse"]
-    if coarse:
-        longest = max(r["n_tokens"] for r in coarse)
-        notes.append(
-            f"{len(coarse)} of {len(records)} examples have more than {max_evals // 2} tokens, too many for "
-            f"--shap-max-evals {max_evals} (the longest needs at least {2 * longest}): {BUDGET_NOTE}"
-        )
-        log(f"warning: {notes[-1]}")
+    warning = budget_warning(records, max_evals)
+    if warning:
+        notes.append(warning)
+        log(f"warning: {warning}")
 
     result.metrics = interpretability_metrics(records, settings, notes, n_resamples, seed)
     result.files = write_outputs(folder, records, result.metrics, label_names, settings)
@@ -364,7 +406,7 @@ def write_outputs(folder: Path, records: list[dict], metrics: dict, label_names:
         files.append(
             plot_top_tokens(
                 metrics[model]["top_tokens"],
-                f"{DISPLAY_NAMES[model]}: top {TOP_TOKENS} tokens ({len(records)} tweets)",
+                f"{DISPLAY_NAMES[model]}: tokens by total |SHAP| (top {TOP_TOKENS}, {len(records)} tweets)",
                 folder / SUMMARY_PLOTS[model],
             )
         )

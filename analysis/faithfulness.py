@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import shap
 
 from analysis.explanation_stats import FAITHFULNESS_MODES, aopc, paired_test, random_order, summarize_faithfulness
-from analysis.shap_explain import mask_tweet
+from analysis.shap_explain import TweetMasker, mask_tweet
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
 RANDOM_ORDERS = 3  # random rankings averaged per example: one alone makes a noisy baseline
@@ -24,7 +23,7 @@ def example_faithfulness(
     target: int,
     full_score: float,
     value_function: Callable[[Sequence[str]], np.ndarray],
-    masker: shap.maskers.Text,
+    masker: TweetMasker,
     rng: np.random.Generator,
     fractions: Sequence[float] = FRACTIONS,
     random_orders: int = RANDOM_ORDERS,

@@ -41,9 +41,11 @@ TARGETS = ("predicted", "gold")
 MASKS_PER_ROUND = 32
 BUDGET_NOTE = (
     "shap's Partition explainer spends 2 evaluations on the full and the empty tweet and 2 per split of a group of "
-    "tokens; with fewer than 2 x n_tokens evaluations some group of adjacent tokens is never split, and its tokens "
-    "share the group's credit equally (the values still add up to f(x) - base value, but the ranking inside the "
-    "group is lost). Exact Owen values need `evals_for_exact_owen` evaluations."
+    "adjacent tokens, splitting the groups with the largest effect first, each in two contexts. A group it has no "
+    "budget left to split gives its credit to its tokens in equal shares: the values still add up to f(x) - base "
+    "value, but the ranking inside the group is lost (`shared_credit_fraction` is that share of the credit). Below "
+    "2 x n_tokens - 1 evaluations some group is never split at all ('coarse'); exact Owen values need "
+    "`evals_for_exact_owen` evaluations ('exact'); in between the values are 'approximate'."
 )
 
 
@@ -59,7 +61,7 @@ class TweetTokenizer:
     This is the minimal tokenizer interface shap's Text masker reads (`input_ids`, `offset_mapping`). Byte-level
     tokenizers split one character (an emoji) into several tokens with overlapping offsets; overlaps are cut so the
     segments tile the tweet exactly: the first token carries the character, the rest get empty segments (masking
-    them changes nothing, so their value is 0).
+    them changes nothing: their exact Owen value is 0).
     """
 
     def __init__(self, encoder: PromptEncoder):
@@ -79,16 +81,31 @@ class TweetTokenizer:
         return {"input_ids": list(encoded["input_ids"]), "offset_mapping": offsets}
 
 
-def tweet_masker(encoder: PromptEncoder) -> shap.maskers.Text:
-    """shap's Text masker over the tweet's tokens that deletes masked tokens (see the module docstring)."""
-    masker = shap.maskers.Text(TweetTokenizer(encoder), mask_token="...", collapse_mask_token=True)
-    # The constructor looks up the mask token's id (used only for token-id output, not here), so it needs a
-    # non-empty one; shap writes " " + mask_token per masked run, so an empty one deletes the run.
-    masker.mask_token = ""
-    return masker
+class TweetMasker(shap.maskers.Text):
+    """shap's Text masker over the tweet's tokens, where a masked token's text is deleted (see the module docstring).
+
+    shap's own string masking writes `" " + mask_token` per masked run, so even an empty mask token would put a
+    space into "@un|ited" and make an empty segment (a byte of an emoji) change the string. Here the kept segments
+    are joined as they are: masking a token removes exactly its text, and a token whose segment is empty is a null
+    player.
+    """
+
+    def __init__(self, encoder: PromptEncoder):
+        # The mask token is never written (see __call__); the constructor only needs one it can tokenize.
+        super().__init__(TweetTokenizer(encoder), mask_token="...", collapse_mask_token=True)
+
+    def __call__(self, mask, s):
+        mask = self._standardize_mask(mask, s)
+        self._update_s_cache(s)
+        kept = "".join(segment for segment, keep in zip(self._segments_s, mask) if keep)
+        return (np.array([normalize_tweet(kept)]),)
 
 
-def mask_tweet(masker: shap.maskers.Text, text: str, keep: np.ndarray) -> str:
+def tweet_masker(encoder: PromptEncoder) -> TweetMasker:
+    return TweetMasker(encoder)
+
+
+def mask_tweet(masker: TweetMasker, text: str, keep: np.ndarray) -> str:
     """The tweet with the tokens where `keep` is False deleted, exactly as the explainer masks it."""
     return str(masker(np.asarray(keep, dtype=bool), text)[0][0])
 
@@ -179,6 +196,18 @@ def evals_for_exact_owen(clustering: np.ndarray) -> int:
     return 2 + 2 * total
 
 
+def shared_credit_fraction(hierarchical_values: np.ndarray, n_tokens: int) -> np.ndarray:
+    """Per output, the share of the attribution (sum of |node values|) left on groups the budget never split.
+
+    With `fixed_context=None` the explainer leaves a value on a group node only when its budget runs out before
+    the group is split (in some context); shap then spreads it over the group's tokens in proportion to their
+    number, so that share of the credit says nothing about individual tokens. 0 means exact Owen values.
+    """
+    magnitude = np.abs(np.asarray(hierarchical_values, dtype=float))
+    total = magnitude.sum(axis=0)
+    return np.divide(magnitude[n_tokens:].sum(axis=0), total, out=np.zeros_like(total), where=total > 0)
+
+
 @contextlib.contextmanager
 def _seeded_numpy(seed: int) -> Iterator[None]:
     """shap breaks priority ties with the global numpy RNG: seed it per example (resumed runs match) and restore."""
@@ -193,14 +222,14 @@ def _seeded_numpy(seed: int) -> Iterator[None]:
 def explain_tweet(
     text: str,
     value_functions: Mapping[str, Callable[[Sequence[str]], np.ndarray]],
-    masker: shap.maskers.Text,
+    masker: TweetMasker,
     max_evals: int,
     seed: int = 0,
 ) -> dict:
-    """Partition-explain one tweet for every value function on the same coalitions.
+    """Partition-explain one (non-empty) tweet for every value function on the same coalitions.
 
-    Returns `{"models": {name: {"values" (n_tokens, classes), "base_values" (classes,)}}, "data", "feature_names",
-    "evals_used", "evals_for_exact_owen"}`.
+    Returns `{"models": {name: {"values": (n_tokens, classes), "base_values": (classes,), "shared_credit_fraction":
+    (classes,)}}, "data": segments, "feature_names", "evals_used", "evals_for_exact_owen"}`.
     """
     names = list(value_functions)
 
@@ -210,10 +239,13 @@ def explain_tweet(
 
     segments = [str(segment) for segment in masker.data_transform(text)[0]]
     feature_names = [str(name) for name in masker.feature_names(text)[0]]
+    if not segments:
+        raise ValueError("an empty tweet has no tokens to explain; callers skip it")
     if len(segments) == 1:
         # shap cannot build a partition tree over one token; its Shapley value is exactly f(x) - f(empty).
         base, full = joint([""])[0], joint([text])[0]
         values, evals_used, evals_exact = (full - base)[None, :], 2, 2
+        shared = np.zeros_like(full)
     else:
         explainer = shap.explainers.Partition(joint, masker)
         with _seeded_numpy(seed):
@@ -221,10 +253,14 @@ def explain_tweet(
         values = np.asarray(explanation.values[0], dtype=float)
         base = np.asarray(explanation.base_values[0], dtype=float)
         evals_used = int(explainer.last_eval_count) + 2
-        evals_exact = evals_for_exact_owen(masker.clustering(text))
+        evals_exact = evals_for_exact_owen(explanation.clustering[0])
+        shared = shared_credit_fraction(explanation.hierarchical_values[0], len(segments))
     classes = values.shape[1] // len(names)
     columns = {name: slice(k * classes, (k + 1) * classes) for k, name in enumerate(names)}
-    models = {name: {"values": values[:, cols], "base_values": base[cols]} for name, cols in columns.items()}
+    models = {
+        name: {"values": values[:, cols], "base_values": base[cols], "shared_credit_fraction": shared[cols]}
+        for name, cols in columns.items()
+    }
     return {
         "models": models,
         "data": segments,
@@ -234,11 +270,13 @@ def explain_tweet(
     }
 
 
-def budget_resolution(n_tokens: int, max_evals: int, evals_for_exact: int) -> str:
+def budget_resolution(n_tokens: int, max_evals: int, evals_used: int, evals_for_exact: int) -> str:
     """`exact` (every group split in every context), `approximate`, or `coarse` (some group never split)."""
-    if max_evals >= evals_for_exact:
+    if evals_used >= evals_for_exact:
         return "exact"
-    return "approximate" if max_evals >= 2 * n_tokens else "coarse"
+    # M tokens have M - 1 groups to split at 2 evaluations each, after the 2 for the full and the empty tweet;
+    # shap may overshoot its budget by one evaluation.
+    return "approximate" if max_evals >= 2 * n_tokens - 1 else "coarse"
 
 
 # ---- files: one record per example, gathered into one JSON per model ---------------------------------------------

@@ -1,0 +1,385 @@
+"""SHAP analysis: value function, features, additivity, model states, resume, and the CLI run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from html import escape
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import shap
+import torch
+
+from analysis.analyze import HTML_FILE, METRICS_FILE, SHAP_FILES, SUMMARY_PLOTS, run_analysis
+from analysis.shap_explain import (
+    FINE_TUNED,
+    ZERO_SHOT,
+    LabelProbabilities,
+    explain_tweet,
+    load_explanation,
+    mask_tweet,
+    model_value_functions,
+    tweet_masker,
+)
+from datamodules.prompts import PromptEncoder
+from tests.conftest import build_tiny_tokenizer, save_tiny_llama, synthetic_rows, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["negative", "neutral", "positive"]
+TWEETS = ["love", "the bus is so awful , really", "my really happy monday day this is so great the a my table bus"]
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def encoder() -> PromptEncoder:
+    return PromptEncoder(build_tiny_tokenizer(), LABELS)
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def tiny_module(model_dir: str, encoder: PromptEncoder):
+    from lightning_modules import LoRASentimentClassifier
+
+    return LoRASentimentClassifier(
+        model_name=model_dir,
+        label_names=LABELS,
+        label_token_ids=encoder.label_token_ids,
+        load_in_4bit=False,
+        lora_dropout=0.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory) -> Path:
+    """Synthetic tweets; the first test tweet holds HTML, another is empty (the loader drops it)."""
+    folder = tmp_path_factory.mktemp("analysis-data")
+    write_csv(folder / "train.csv", synthetic_rows(48, seed=1))
+    rows = synthetic_rows(6, seed=2)
+    rows[0] = ('<b>love</b> & "great" so', "positive")
+    rows.insert(2, ("   ", "neutral"))
+    write_csv(folder / "test.csv", rows)
+    return folder
+
+
+def write_config(path: Path, model_dir: str, data: Path) -> Path:
+    path.write_text(
+        f"model:\n  model_name: {model_dir}\n  load_in_4bit: false\n  lora_dropout: 0.0\n"
+        f"data:\n  dataset_name: {data}\n  seed: 0\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, data_folder) -> dict:
+    """A config and an adapter exported after a few training steps (so fine-tuned differs from zero-shot)."""
+    from datamodules import TweetSentimentDataModule
+    from lightning_modules import ExportAdapter, LoRASentimentClassifier
+
+    root = tmp_path_factory.mktemp("analysis-run")
+    L.seed_everything(0)
+    dm = TweetSentimentDataModule(dataset_name=str(data_folder), tokenizer_name=tiny_model_dir, batch_size=8, seed=0)
+    module = LoRASentimentClassifier(
+        model_name=tiny_model_dir,
+        label_names=dm.label_names,
+        label_token_ids=dm.label_token_ids,
+        learning_rate=2e-2,
+        warmup_ratio=0.0,
+        lora_dropout=0.0,
+        load_in_4bit=False,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        default_root_dir=str(root),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        max_steps=4,
+        callbacks=[ExportAdapter()],
+    )
+    trainer.fit(module, dm)
+    return {"config": write_config(root / "tiny.yaml", tiny_model_dir, data_folder), "adapter": root / "lora_adapter"}
+
+
+def analyze(trained: dict, output_dir: Path, **kwargs):
+    kwargs = {"example_count": 3, "max_evals": 40, "n_resamples": 50, "log": lambda message: None, **kwargs}
+    return run_analysis(trained["config"], trained["adapter"], output_dir, **kwargs)
+
+
+# ---- features and value function --------------------------------------------------------------------------------
+def test_only_the_tweet_tokens_are_features(encoder):
+    masker = tweet_masker(encoder)
+    tokenizer = encoder.tokenizer
+    for text in TWEETS:
+        names = masker.feature_names(text)[0]
+        tokens = [tokenizer.decode([i]).strip() for i in encoder.tweet_ids(text)]
+        assert names == tokens
+        assert "".join(masker.data_transform(text)[0]) == text
+        assert not {"Classify", "Tweet", "Label", "sentiment", "classifier"} & set(names)
+    text = TWEETS[1]
+    keep = np.ones(len(encoder.tweet_ids(text)), dtype=bool)
+    keep[[1, 4]] = False  # "bus", "awful": deleted, not replaced by a placeholder
+    masked = mask_tweet(masker, text, keep)
+    assert masked == "the is so , really"
+    prompt = encoder.prefix_ids + encoder.continuation(masked)
+    assert prompt[-len(encoder.tail_ids) :] == encoder.tail_ids  # the template stays fixed context
+    assert mask_tweet(masker, text, np.zeros_like(keep)) == ""
+
+
+def test_features_tile_a_byte_level_tweet_with_emoji():
+    from lightning_modules.backbone import load_tokenizer
+
+    encoder = PromptEncoder(load_tokenizer("embedded:smollm2-135m-instruct"), LABELS)
+    masker = tweet_masker(encoder)
+    text = "@united I can't believe 😡😡 it's late <again> & again!!"
+    segments = masker.data_transform(text)[0]
+    assert "".join(segments) == text  # byte tokens of one emoji do not duplicate it
+    assert len(segments) == len(encoder.tweet_ids(text))
+    assert encoder.continuation(mask_tweet(masker, text, np.ones(len(segments), bool))) == encoder.continuation(text)
+
+
+def test_value_function_cached_equals_uncached(encoder, base_model):
+    masker = tweet_masker(encoder)
+    rng = np.random.default_rng(0)
+    texts = [mask_tweet(masker, t, rng.random(len(encoder.tweet_ids(t))) < 0.6) for t in TWEETS for _ in range(4)]
+    cached = LabelProbabilities(base_model, encoder, batch_size=5)(texts + TWEETS + [""])
+    uncached = LabelProbabilities(base_model, encoder, batch_size=3, use_prefix_cache=False)(texts + TWEETS + [""])
+    assert cached.shape == (len(texts) + len(TWEETS) + 1, len(LABELS))
+    assert np.abs(cached - uncached).max() <= 1e-5
+    assert np.allclose(cached.sum(axis=1), 1.0)
+
+
+def test_additivity_and_the_budget(encoder, base_model):
+    value = LabelProbabilities(base_model, encoder, batch_size=8)
+    masker = tweet_masker(encoder)
+    for text in TWEETS:
+        full, empty = value([text])[0], value([""])[0]
+        for max_evals in (4, 10_000):
+            explained = explain_tweet(text, {"m": value}, masker, max_evals)
+            values, base = explained["models"]["m"]["values"], explained["models"]["m"]["base_values"]
+            assert values.shape == (len(encoder.tweet_ids(text)), len(LABELS))
+            np.testing.assert_allclose(base, empty, atol=1e-6)  # masked = deleted: the base is the empty tweet
+            np.testing.assert_allclose(base + values.sum(axis=0), full, atol=1e-6)  # every class, any budget
+            assert explained["evals_used"] <= max(max_evals + 1, 2)
+        assert explained["evals_used"] == explained["evals_for_exact_owen"]  # a large budget is not all spent
+
+
+# ---- model states -----------------------------------------------------------------------------------------------
+def test_zero_shot_differs_from_fine_tuned_and_is_the_plain_base_model(encoder, tiny_model_dir, base_model):
+    torch.manual_seed(0)
+    module = tiny_module(tiny_model_dir, encoder)
+    with torch.no_grad():
+        for name, parameter in module.backbone.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5)  # a non-trivial adapter (B starts at zero)
+    functions = model_value_functions(module, encoder, batch_size=8)
+    masker = tweet_masker(encoder)
+    plain = LabelProbabilities(base_model, encoder, batch_size=8)
+    for text in TWEETS[1:]:
+        joint = explain_tweet(text, functions, masker, max_evals=10_000, seed=3)
+        alone = explain_tweet(text, {"base": plain}, masker, max_evals=10_000, seed=3)
+        zero_shot, fine_tuned = joint["models"][ZERO_SHOT]["values"], joint["models"][FINE_TUNED]["values"]
+        np.testing.assert_allclose(zero_shot, alone["models"]["base"]["values"], atol=1e-5)
+        assert np.abs(fine_tuned - zero_shot).max() > 1e-3
+    assert functions[ZERO_SHOT].prefix_cache is not functions[FINE_TUNED].prefix_cache
+
+
+# ---- the whole run ----------------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    pass
+
+
+def comparable(folder: Path) -> dict:
+    """Every output's content except wall-clock timings."""
+    metrics = json.loads((folder / METRICS_FILE).read_text())
+    metrics.pop("timing")
+    return {
+        "metrics": metrics,
+        **{model: json.loads((folder / name).read_text()) for model, name in SHAP_FILES.items()},
+        "html": (folder / HTML_FILE).read_text(),
+    }
+
+
+def test_a_killed_run_resumes_without_recomputing(trained, tmp_path):
+    def stop_after_first(index: int) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        analyze(trained, tmp_path / "resumed", after_example=stop_after_first)
+    progress = tmp_path / "resumed" / ".progress"
+    assert sorted(p.name for p in progress.glob("[0-9]*.json")) == ["0.json"]
+    assert not (tmp_path / "resumed" / METRICS_FILE).exists()
+    first = (progress / "0.json").stat().st_mtime_ns
+
+    resumed = analyze(trained, tmp_path / "resumed")
+    assert resumed.resumed == [0] and resumed.computed == [1, 2]  # the empty row was dropped by the loader
+    assert (progress / "0.json").stat().st_mtime_ns == first
+    again = analyze(trained, tmp_path / "resumed")
+    assert again.computed == [] and again.resumed == [0, 1, 2]
+
+    straight = analyze(trained, tmp_path / "straight")
+    assert comparable(tmp_path / "resumed") == comparable(tmp_path / "straight")
+
+    changed = analyze(trained, tmp_path / "resumed", max_evals=30)  # other settings: old progress is discarded
+    assert changed.computed == [0, 1, 2] and any("discarded" in note for note in changed.notes)
+    assert straight.metrics["additivity"]["max_abs_error"] < 1e-4
+
+
+def test_gold_target_and_small_budget_are_recorded(trained, tmp_path):
+    result = analyze(trained, tmp_path / "gold", target="gold", max_evals=4, example_count=50)
+    shap_file = json.loads((tmp_path / "gold" / SHAP_FILES[FINE_TUNED]).read_text())
+    assert shap_file["target_classes"] == shap_file["gold"]
+    notes = " ".join(result.notes)
+    assert "larger than the eval set; explaining all 6" in notes
+    assert "empty tweet" in notes
+    assert "shared equally by their tokens" in notes and "too many tokens for even one split" in notes
+    assert result.metrics["budget"]["counts"]["coarse"] > 0
+    assert result.metrics["target"]["source"] == "gold"
+
+
+def run_cli(*args: str, module: bool = False) -> subprocess.CompletedProcess:
+    entry = ["-m", "analysis"] if module else [str(ROOT / "scripts" / "analyze.py")]
+    return subprocess.run(
+        [sys.executable, *entry, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_analyze_script_writes_every_file(trained, tmp_path):
+    out = tmp_path / "analysis"
+    result = run_cli(
+        "--config",
+        str(trained["config"]),
+        "--adapter",
+        str(trained["adapter"]),
+        "--output-dir",
+        str(out),
+        "--shap-example-count",
+        "3",
+        "--shap-max-evals",
+        "60",
+        "--n-resamples",
+        "50",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "additivity" in result.stdout
+
+    contents = {model: json.loads((out / name).read_text()) for model, name in SHAP_FILES.items()}
+    for model, content in contents.items():
+        explanation = load_explanation(out / SHAP_FILES[model])
+        assert isinstance(explanation, shap.Explanation) and len(explanation) == 3
+        assert list(explanation.output_names) == LABELS
+        for i in range(3):
+            n_tokens = len(content["feature_names"][i])
+            assert explanation[i].values.shape == (n_tokens, len(LABELS))
+            assert "".join(explanation[i].data) == content["texts"][i]
+            probabilities = np.asarray(content["probabilities"][i])
+            np.testing.assert_allclose(
+                explanation[i].base_values + explanation[i].values.sum(0), probabilities, atol=1e-5
+            )
+        target = load_explanation(out / SHAP_FILES[model], target_only=True)
+        assert target[0].values.shape == (len(content["feature_names"][0]),)
+        assert content["target_classes"] == content["predicted"]
+        assert (out / SUMMARY_PLOTS[model]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert contents[ZERO_SHOT]["feature_names"] == contents[FINE_TUNED]["feature_names"]  # identical features
+    assert contents[ZERO_SHOT]["texts"][0] == '<b>love</b> & "great" so'
+
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert metrics["additivity"]["max_abs_error"] < 1e-4 and metrics["additivity"]["within_tolerance"]
+    for model in (ZERO_SHOT, FINE_TUNED):
+        targets = [np.asarray(v)[:, t] for v, t in zip(contents[model]["values"], contents[model]["target_classes"])]
+        assert metrics[model]["mean_abs_importance"] == pytest.approx(np.abs(np.concatenate(targets)).mean())
+        for key in ("std_abs_importance", "median_abs_importance", "mean_gini", "mean_entropy", "top_tokens"):
+            assert key in metrics[model]
+        faithfulness = metrics["faithfulness"][model]
+        for mode in ("comprehensiveness", "sufficiency"):
+            assert faithfulness[mode]["n"] == 3 and "mean_aopc" in faithfulness[f"{mode}_random"]
+            assert "wilcoxon_p" in faithfulness[f"{mode}_attribution_vs_random"]
+    comparison = metrics["comparison"]
+    for key in ("cosine_similarity", "top5_overlap", "top10_overlap", "top_token_jaccard", "pearson", "spearman"):
+        assert set(comparison[key]) == {"mean", "ci_low", "ci_high", "n"}
+    for key in ("mean_abs", "gini", "entropy"):
+        assert {"ci_low", "ci_high", "wilcoxon_p", "cohens_d"} <= set(comparison["paired_tests"][key])
+    assert comparison["per_model"] and comparison["overall_top_token_jaccard"] is not None
+    assert (out / "deletion_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    page = (out / HTML_FILE).read_text()
+    assert "&lt;" in page and "<b>love" not in page and "&amp;" in page  # the tweet's HTML is escaped
+    for segments in contents[ZERO_SHOT]["data"]:
+        for segment in segments:
+            assert escape(segment) in page
+    assert "http" not in page and "<script" not in page  # self-contained
+
+
+def test_bad_input_is_one_error_line(trained, data_folder, tmp_path, capsys):
+    from scripts.analyze import main
+
+    other_dir = save_tiny_llama(tmp_path / "other-base", seed=1)
+    other_config = write_config(tmp_path / "other.yaml", str(other_dir), data_folder)
+    args = ["--config", str(other_config), "--adapter", str(trained["adapter"]), "--output-dir", str(tmp_path / "x")]
+    result = run_cli(*args, module=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "was trained on" in errors[0], result.stderr
+    assert not (tmp_path / "x").exists()  # nothing written before the inputs are checked
+
+    capsys.readouterr()
+    missing = main(["--config", str(trained["config"]), "--adapter", str(tmp_path / "nope"), "--output-dir", "y"])
+    stderr = capsys.readouterr().err
+    assert missing == 2 and "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        f"error: The adapter '{tmp_path / 'nope'}' does not exist; pass a lora_adapter/ folder or a .ckpt file."
+    ]
+
+
+@pytest.mark.slow
+def test_embedded_model_end_to_end(tmp_path):
+    from lightning_modules.export_adapter import write_adapter
+    from scripts.cli import build_from_config
+
+    overrides = ["--trainer.default_root_dir", str(tmp_path / "run")]
+    datamodule, module = build_from_config("configs/embedded.yaml", overrides)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in module.backbone.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.02)
+    adapter = write_adapter(module, tmp_path / "lora_adapter", datamodule.prompt_description())
+    del module
+    result = run_analysis(
+        "configs/embedded.yaml",
+        adapter,
+        tmp_path / "out",
+        example_count=2,
+        max_evals=8,
+        n_resamples=50,
+        random_orders=1,
+        overrides=overrides,
+        log=lambda message: None,
+    )
+    assert result.metrics["n_examples"] == 2 and result.metrics["additivity"]["max_abs_error"] < 1e-4
+    for name in SHAP_FILES.values():
+        explanation = load_explanation(tmp_path / "out" / name)
+        texts = json.loads((tmp_path / "out" / name).read_text())["texts"]
+        for i, text in enumerate(texts):
+            assert "".join(explanation[i].data) == text
+            assert explanation[i].values.shape == (len(datamodule.encoder.tweet_ids(text)), 3)
+    assert result.metrics["budget"]["counts"]["coarse"] == 2  # 8 evaluations cannot split a 30-token tweet
+    assert (tmp_path / "out" / HTML_FILE).is_file()
