@@ -21,6 +21,10 @@ install: $(STAMP)
 
 demo: install
 	$(PY) scripts/train.py fit --config configs/embedded.yaml
+	$(PY) scripts/evaluate.py --config configs/embedded.yaml --adapter outputs/embedded/lora_adapter \
+		--output-dir outputs/embedded/evaluation
+	$(PY) scripts/analyze.py --config configs/embedded.yaml --adapter outputs/embedded/lora_adapter \
+		--output-dir outputs/embedded/analysis
 
 test: install
 	$(PY) -m pytest -q
@@ -34,3 +38,5 @@ lint: install
 
 bench: install
 	$(PY) bench/bench_fit.py
+	$(PY) bench/bench_eval.py --right-padded
+	$(PY) bench/bench_shap.py

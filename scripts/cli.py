@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -71,8 +70,9 @@ def build_from_config(config: str | None, overrides: list[str] | None = None):
     args = (["--config", config] if config else []) + list(overrides or [])
     if config and not Path(config).is_file():
         raise UserInputError(f"The config '{config}' does not exist; pass e.g. --config configs/embedded.yaml.")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*sys.argv.*")  # we pass args on purpose
+    # LightningCLI warns when both `args` and a longer sys.argv exist; the caller's own flags are not for it.
+    saved_argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
         cli = _ModelAndDataCLI(
             LoRASentimentClassifier,
             TweetSentimentDataModule,
@@ -81,6 +81,8 @@ def build_from_config(config: str | None, overrides: list[str] | None = None):
             args=args,
             save_config_callback=None,
         )
+    finally:
+        sys.argv = saved_argv
     return cli.datamodule, cli.model
 
 
