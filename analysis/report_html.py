@@ -1,0 +1,441 @@
+"""`report.html`: one self-contained page over a run's output folder, built from the files the run wrote.
+
+The page needs no network: CSS is inline, figures and the badge are base64 data URIs, the token heatmaps of
+`explanations.html` are embedded through `srcdoc`, and a Content-Security-Policy forbids loading anything else.
+There are no scripts. Every string that comes from data (tweets, tokens, label names, notes, paths) is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Collection, Sequence
+from html import escape
+from pathlib import Path
+
+from analysis.files import write_text_atomic
+
+REPORT_FILE = "report.html"
+MANIFEST_FILE = "run.json"
+COMPARISON_FILE = "comparison.json"
+INTERPRETABILITY_FILE = "interpretability_metrics.json"
+EXPLANATIONS_FILE = "explanations.html"
+BADGE_MANIFEST = "project_badge.json"
+MODEL_ORDER = ("zero_shot", "fine_tuned")  # other models (baselines) go between these two
+FIGURES = (
+    ("metrics_comparison.png", "Headline metrics with 95 % bootstrap CIs"),
+    ("confusion_matrices.png", "Confusion matrices"),
+    ("reliability_diagram.png", "Reliability diagram"),
+    ("zero_shot_shap_summary.png", "Zero-shot: top tokens by total |SHAP|"),
+    ("fine_tuned_shap_summary.png", "Fine-tuned: top tokens by total |SHAP|"),
+    ("deletion_curves.png", "Faithfulness: deletion curves"),
+)
+HEADLINE = (
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("f1", "F1"),
+    ("macro_recall", "macro recall"),
+    ("mcc", "MCC"),
+    ("ece", "ECE (15 bins)"),
+    ("mean_max_probability", "mean max probability"),
+    ("positive_probability_mean", "mean positive probability"),
+    ("label_space_mass", "label-space mass"),
+    ("format_compliance", "format compliance"),
+    ("n_examples", "examples"),
+)
+EXPLANATION_STATISTICS = (
+    ("mean_abs_importance", "mean |SHAP|"),
+    ("std_abs_importance", "std |SHAP|"),
+    ("median_abs_importance", "median |SHAP|"),
+    ("mean_token_importance_std", "mean per-tweet std"),
+    ("mean_gini", "mean Gini sparsity"),
+    ("mean_entropy", "mean entropy"),
+    ("n_examples", "examples"),
+)
+PAIRED_STATISTICS = (
+    ("cosine_similarity", "cosine similarity"),
+    ("top5_overlap", "top-5 overlap"),
+    ("top10_overlap", "top-10 overlap"),
+    ("top_token_jaccard", "top-token Jaccard"),
+    ("pearson", "Pearson r"),
+    ("spearman", "Spearman ρ"),
+    ("mean_abs_delta", "mean |SHAP| delta (FT − ZS)"),
+)
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 1.5em 2em; max-width: 72em; color: #111; }
+header { display: flex; align-items: center; gap: 1.5em; border-bottom: 2px solid #312e81; padding-bottom: 1em; }
+header img { width: 180px; height: 100px; }
+h1 { font-size: 1.5em; margin: 0 0 0.3em 0; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+th, td { border: 1px solid #d4d4d8; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f5; }
+td.num { font-family: ui-monospace, monospace; text-align: right; white-space: nowrap; }
+.ci { color: #52525b; font-size: 0.9em; }
+figure { margin: 1em 0; }
+figure img { max-width: min(100%, 60em); border: 1px solid #e4e4e7; }
+figcaption { color: #52525b; font-size: 0.9em; }
+.facts td:first-child { font-weight: 600; }
+.note { color: #92400e; }
+iframe { width: 100%; height: 40em; border: 1px solid #d4d4d8; resize: vertical; }
+nav a { margin-right: 1em; }
+"""
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+# ---- formatting -------------------------------------------------------------------------------------------------
+def format_number(value) -> str:
+    """Floats with 4 decimals, integers as they are, missing or undefined values as `n/a`."""
+    if value is None or isinstance(value, bool):
+        return "n/a" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.4f}"
+    return escape(str(value))
+
+
+def format_p(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _interval(low, high) -> str:
+    if low is None or high is None:
+        return ""
+    return f' <span class="ci">[{format_number(low)}, {format_number(high)}]</span>'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> str:
+    """A table whose cells are already HTML (numbers formatted, text escaped by the caller)."""
+    head = "".join(f"<th>{cell}</th>" for cell in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{cell}</td>' if i >= numeric_from else f"<td>{cell}</td>" for i, cell in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def display_name(model: str) -> str:
+    return model.replace("_", "-")
+
+
+# ---- reading the folder -----------------------------------------------------------------------------------------
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def metrics_by_model(folder: Path, names: Collection[str]) -> dict[str, dict]:
+    """`<model>_metrics.json` files, zero-shot first and fine-tuned last."""
+    found = {}
+    for name in sorted(names):
+        if name.endswith("_metrics.json") and name != INTERPRETABILITY_FILE:
+            content = _read_json(folder / name)
+            if isinstance(content, dict):
+                found[name.removesuffix("_metrics.json")] = content
+    rank = {MODEL_ORDER[0]: 0, MODEL_ORDER[-1]: 2}
+    return dict(sorted(found.items(), key=lambda item: rank.get(item[0], 1)))
+
+
+# ---- sections ---------------------------------------------------------------------------------------------------
+def _header(manifest: dict | None, badge_svg: Path | None, models: Sequence[str]) -> str:
+    badge = ""
+    if badge_svg is not None and badge_svg.is_file():
+        badge = f'<img src="{_data_uri(badge_svg, "image/svg+xml")}" alt="Quantum Pass badge">'
+    title = " vs ".join(display_name(model).capitalize() for model in models) or "lora-explain run"
+    facts = []
+    if manifest:
+        model = manifest.get("model") or {}
+        options = manifest.get("options") or {}
+        title = f"{title}: {model.get('id', '')} on {options.get('dataset_name', '')}"
+        badge_id = (manifest.get("badge") or {}).get("badge_id")
+        facts = [
+            ("Quantum Pass", badge_id),
+            ("model", f"{model.get('id')} ({model.get('source')}, revision {model.get('revision')})"),
+            ("fine-tuned", options.get("finetune")),
+            ("seed", manifest.get("seed")),
+            ("git commit", (manifest.get("git") or {}).get("commit")),
+            (
+                "device",
+                (manifest.get("device") or {}).get("cuda_device") or (manifest.get("device") or {}).get("accelerator"),
+            ),
+            ("started (UTC)", manifest.get("started_at_utc")),
+        ]
+        for split, fingerprint in (manifest.get("data") or {}).items():
+            if isinstance(fingerprint, dict):
+                facts.append(
+                    (f"{split} data", f"{fingerprint.get('n_examples')} examples, sha256 {fingerprint.get('sha256')}")
+                )
+    rows = "".join(
+        f"<tr><td>{escape(label)}</td><td>{escape(str(value))}</td></tr>" for label, value in facts if value is not None
+    )
+    return f'<header>{badge}<div><h1>{escape(title)}</h1><table class="facts">{rows}</table></div></header>'
+
+
+def _metrics_section(metrics: dict[str, dict]) -> str:
+    if not metrics:
+        return ""
+    models = list(metrics)
+    rows = []
+    for key, label in HEADLINE:
+        if not any(key in values for values in metrics.values()):
+            continue
+        cells = [escape(label)]
+        for model in models:
+            values = metrics[model]
+            ci = (values.get("confidence_intervals") or {}).get(key) or {}
+            cells.append(format_number(values.get(key)) + _interval(ci.get("low"), ci.get("high")))
+        rows.append(cells)
+    parts = [
+        '<section id="metrics"><h2>Classification metrics</h2>',
+        "<p>Label read from the label tokens' logits at the answer position; 95 % percentile bootstrap intervals "
+        "in brackets.</p>",
+        _table(["metric"] + [escape(display_name(m)) for m in models], rows),
+    ]
+    for model in models:
+        per_class = metrics[model].get("per_class") or {}
+        if per_class:
+            class_rows = [
+                [escape(str(name))] + [format_number(row.get(k)) for k in ("precision", "recall", "f1", "support")]
+                for name, row in per_class.items()
+            ]
+            parts.append(f"<h3>{escape(display_name(model))}: per class</h3>")
+            parts.append(_table(["label", "precision", "recall", "F1", "support"], class_rows))
+        matrix = metrics[model].get("confusion_matrix")
+        labels = metrics[model].get("label_names") or list(per_class)
+        if matrix and len(labels) == len(matrix):
+            matrix_rows = [[escape(str(labels[i]))] + [format_number(c) for c in row] for i, row in enumerate(matrix)]
+            parts.append(_table(["gold \\ predicted"] + [escape(str(name)) for name in labels], matrix_rows))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _comparison_section(comparison: dict | None) -> str:
+    if not comparison:
+        return ""
+    rows = [
+        [
+            escape(name),
+            format_number(d.get("baseline_value")),
+            format_number(d.get("model_value")),
+            format_number(d.get("difference")) + _interval(d.get("ci_low"), d.get("ci_high")),
+        ]
+        for name, d in (comparison.get("differences") or {}).items()
+    ]
+    baseline = escape(display_name(str(comparison.get("baseline", "zero_shot"))))
+    model = escape(display_name(str(comparison.get("model", "fine_tuned"))))
+    parts = [
+        '<section id="comparison"><h2>Fine-tuned vs zero-shot</h2>',
+        f"<p>Paired bootstrap over the same {format_number(comparison.get('n_examples'))} examples.</p>",
+        _table(["metric", baseline, model, f"{model} − {baseline} [95 % CI]"], rows),
+    ]
+    mcnemar = comparison.get("mcnemar")
+    if mcnemar:
+        parts.append(
+            f"<p>Exact McNemar test: p = {format_p(mcnemar.get('p_value'))} "
+            f"({format_number(mcnemar.get('n_discordant'))} discordant pairs: "
+            f"{format_number(mcnemar.get('b_only_first_correct'))} only {baseline} correct, "
+            f"{format_number(mcnemar.get('c_only_second_correct'))} only {model} correct).</p>"
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _figures_section(folder: Path, names: Collection[str]) -> str:
+    known = dict(FIGURES)
+    pngs = [name for name, _ in FIGURES if name in names]
+    pngs += sorted(name for name in names if name.endswith(".png") and name not in known)
+    if not pngs:
+        return ""
+    parts = ['<section id="figures"><h2>Figures</h2>']
+    for name in pngs:
+        caption = known.get(name, name)
+        parts.append(
+            f'<figure><img src="{_data_uri(folder / name, "image/png")}" alt="{escape(caption)}">'
+            f'<figcaption>{escape(caption)} (<a href="{escape(name)}">{escape(name)}</a>)</figcaption></figure>'
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _explanations_section(interpretability: dict | None, explanations_page: str | None) -> str:
+    if not interpretability and not explanations_page:
+        return ""
+    parts = ['<section id="explanations"><h2>Explanations (SHAP over the tweet tokens)</h2>']
+    if interpretability:
+        models = [k for k, v in interpretability.items() if isinstance(v, dict) and "mean_abs_importance" in v]
+        additivity = interpretability.get("additivity") or {}
+        settings = interpretability.get("settings") or {}
+        parts.append(
+            f"<p>{format_number(interpretability.get('n_examples'))} tweets explained with max_evals "
+            f"{format_number(settings.get('max_evals'))}, target class: {escape(str(settings.get('target')))}; "
+            f"largest additivity error |base + Σ SHAP − f(x)| = {format_p(additivity.get('max_abs_error'))}.</p>"
+        )
+        rows = [
+            [escape(label)] + [format_number(interpretability[m].get(key)) for m in models]
+            for key, label in EXPLANATION_STATISTICS
+        ]
+        parts.append(_table(["statistic"] + [escape(display_name(m)) for m in models], rows))
+        for model in models:
+            top = interpretability[model].get("top_tokens") or []
+            listed = ", ".join(
+                f"{escape(str(row.get('token')))} ({format_number(row.get('total_abs'))})" for row in top[:10]
+            )
+            parts.append(f"<p><b>{escape(display_name(model))}</b> top tokens: {listed}</p>")
+        parts.append(_paired_statistics(interpretability.get("comparison")))
+        parts.append(_faithfulness(interpretability.get("faithfulness"), models))
+        notes = interpretability.get("notes") or []
+        if notes:
+            parts.append("<ul>" + "".join(f'<li class="note">{escape(str(note))}</li>' for note in notes) + "</ul>")
+    if explanations_page:
+        parts.append(
+            f'<h3>Token heatmaps (<a href="{EXPLANATIONS_FILE}">{EXPLANATIONS_FILE}</a>)</h3>'
+            f'<iframe title="token heatmaps" srcdoc="{escape(explanations_page, quote=True)}"></iframe>'
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _paired_statistics(comparison: dict | None) -> str:
+    if not comparison:
+        return ""
+    rows = []
+    for key, label in PAIRED_STATISTICS:
+        stat = comparison.get(key)
+        if isinstance(stat, dict):
+            rows.append(
+                [escape(label), format_number(stat.get("mean")) + _interval(stat.get("ci_low"), stat.get("ci_high"))]
+            )
+    for key, label in (
+        ("pooled_pearson", "pooled Pearson r"),
+        ("pooled_spearman", "pooled Spearman ρ"),
+        ("mean_abs_importance_difference", "mean |SHAP| difference (FT − ZS)"),
+        ("cohens_d_abs_importance", "Cohen's d of |SHAP|"),
+        ("overall_top_token_jaccard", "overall top-token Jaccard"),
+    ):
+        if key in comparison:
+            rows.append([escape(label), format_number(comparison.get(key))])
+    parts = ["<h3>Zero-shot vs fine-tuned explanations</h3>", _table(["statistic", "value [95 % CI]"], rows)]
+    tests = comparison.get("paired_tests") or {}
+    if tests:
+        test_rows = [
+            [
+                escape(name),
+                format_number(t.get("zero_shot_mean")),
+                format_number(t.get("fine_tuned_mean")),
+                format_number(t.get("mean_difference")) + _interval(t.get("ci_low"), t.get("ci_high")),
+                format_p(t.get("wilcoxon_p")),
+                format_number(t.get("cohens_d")),
+            ]
+            for name, t in tests.items()
+        ]
+        parts.append(
+            _table(
+                ["per-tweet statistic", "zero-shot", "fine-tuned", "FT − ZS [95 % CI]", "Wilcoxon p", "Cohen's d"],
+                test_rows,
+            )
+        )
+    return "\n".join(parts)
+
+
+def _faithfulness(faithfulness: dict | None, models: Sequence[str]) -> str:
+    if not faithfulness:
+        return ""
+    rows = []
+    for model in models:
+        summary = faithfulness.get(model) or {}
+        for mode in ("comprehensiveness", "sufficiency"):
+            ours, random = summary.get(mode) or {}, summary.get(f"{mode}_random") or {}
+            if ours:
+                rows.append(
+                    [
+                        escape(f"{display_name(model)}: {mode}"),
+                        format_number(ours.get("mean_aopc")) + _interval(ours.get("ci_low"), ours.get("ci_high")),
+                        format_number(random.get("mean_aopc")) + _interval(random.get("ci_low"), random.get("ci_high")),
+                    ]
+                )
+    if not rows:
+        return ""
+    return "<h3>Faithfulness (AOPC)</h3>" + _table(["model: mode", "SHAP order", "random order"], rows)
+
+
+def _timings_section(manifest: dict | None) -> str:
+    if not manifest:
+        return ""
+    phases = manifest.get("phase_seconds") or {}
+    rows = [[escape(name), format_number(float(seconds))] for name, seconds in phases.items()]
+    versions = manifest.get("packages") or {}
+    version_rows = [[escape(name), escape(str(version))] for name, version in versions.items()]
+    return (
+        '<section id="run"><h2>Run</h2>'
+        + _table(["phase", "seconds"], rows)
+        + "<details><summary>package versions</summary>"
+        + _table(["package", "version"], version_rows, numeric_from=2)
+        + "</details></section>"
+    )
+
+
+def _files_section(folder: Path, names: Collection[str]) -> str:
+    items = []
+    for name in sorted(names):
+        path = folder / name
+        size = f"{path.stat().st_size:,} bytes" if path.is_file() else "folder"
+        href = escape(name + ("/" if path.is_dir() else ""), quote=True)
+        items.append(f'<li><a href="{href}">{escape(name)}</a> <span class="ci">({size})</span></li>')
+    return f'<section id="files"><h2>Raw files</h2><ul>{"".join(items)}</ul></section>'
+
+
+# ---- the page ---------------------------------------------------------------------------------------------------
+def render_report(folder: str | Path, names: Collection[str] | None = None, badge_svg: Path | None = None) -> str:
+    """The report page for the run in `folder`, using only the files in `names` (default: all in the folder)."""
+    folder = Path(folder)
+    if names is None:
+        names = [p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name != REPORT_FILE]
+    names = set(names)
+
+    def load(name: str):
+        return _read_json(folder / name) if name in names else None
+
+    manifest = load(MANIFEST_FILE)
+    explanations_page = (folder / EXPLANATIONS_FILE).read_text(encoding="utf-8") if EXPLANATIONS_FILE in names else None
+    metrics = metrics_by_model(folder, names)
+    sections = {
+        "metrics": _metrics_section(metrics),
+        "comparison": _comparison_section(load(COMPARISON_FILE)),
+        "figures": _figures_section(folder, names),
+        "explanations": _explanations_section(load(INTERPRETABILITY_FILE), explanations_page),
+        "run": _timings_section(manifest),
+        "files": _files_section(folder, names),
+    }
+    nav = "".join(f'<a href="#{anchor}">{anchor}</a>' for anchor, html in sections.items() if html)
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+            "<title>lora-explain report</title>",
+            f"<style>{STYLE}</style></head><body>",
+            _header(manifest, badge_svg, list(metrics)),
+            f"<nav>{nav}</nav>",
+            *[html for html in sections.values() if html],
+            "</body></html>",
+        ]
+    )
+
+
+def write_report(folder: str | Path, names: Collection[str] | None = None, badge_svg: Path | None = None) -> Path:
+    """Write `report.html` into `folder` atomically; returns its path."""
+    return write_text_atomic(Path(folder) / REPORT_FILE, render_report(folder, names, badge_svg) + "\n")

