@@ -19,12 +19,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One command on the embedded default (offline, CPU): about 15-17 min on 2 idle cores; see outputs/embedded/report.html.
+DEMO_SIZES ?= --train-subset 2000 --eval-subset 500 --shap-example-count 10 --shap-max-evals 200
 demo: install
-	$(PY) scripts/train.py fit --config configs/embedded.yaml
-	$(PY) scripts/evaluate.py --config configs/embedded.yaml --adapter outputs/embedded/lora_adapter \
-		--output-dir outputs/embedded/evaluation
-	$(PY) scripts/analyze.py --config configs/embedded.yaml --adapter outputs/embedded/lora_adapter \
-		--output-dir outputs/embedded/analysis
+	$(PY) scripts/run_experiment.py --finetune --run-shap --model-name embedded:smollm2-135m-instruct \
+		--dataset-name embedded:crowdflower-tweets --no-load-in-4bit $(DEMO_SIZES) --output-dir outputs/embedded
 
 test: install
 	$(PY) -m pytest -q

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_modules.embedded_model import current_umask
+
 
 def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~current_umask()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

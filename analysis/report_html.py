@@ -155,7 +155,7 @@ def _header(manifest: dict | None, badge_svg: Path | None, models: Sequence[str]
     badge = ""
     if badge_svg is not None and badge_svg.is_file():
         badge = f'<img src="{_data_uri(badge_svg, "image/svg+xml")}" alt="Quantum Pass badge">'
-    title = " vs ".join(display_name(model).capitalize() for model in models) or "lora-explain run"
+    title = " vs ".join(display_name(model) for model in models).capitalize() or "lora-explain run"
     facts = []
     if manifest:
         model = manifest.get("model") or {}

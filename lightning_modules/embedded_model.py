@@ -20,6 +20,13 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "LORA_EXPLAIN_CACHE"
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def cache_root() -> Path:
     """`$LORA_EXPLAIN_CACHE`, else `$XDG_CACHE_HOME/lora-explain`, else `~/.cache/lora-explain`."""
     if os.environ.get(CACHE_ENV):
@@ -52,6 +59,7 @@ def embedded_model_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a sibling temp folder and rename it into place: a killed conversion leaves no half folder.
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the cache should read like any folder
     try:
         _convert_gguf(gguf, staging)
         try:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import lightning as L
 
+from lightning_modules.embedded_model import current_umask
+
 ADAPTER_DIR = "lora_adapter"
 CLASSIFICATION_FILE = "classification.json"
 
@@ -19,6 +21,7 @@ def write_adapter(module, directory: Path, prompt: dict | None = None) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should read like any folder
     try:
         module.backbone.save_pretrained(staging)
         config_path = staging / "adapter_config.json"
