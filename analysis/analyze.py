@@ -1,7 +1,15 @@
-"""Explain the zero-shot and the fine-tuned model with SHAP on the first N eval tweets; statistics, plots, HTML.
+"""Explain baselines and the fine-tuned model with SHAP on the first N eval tweets; statistics, plots, HTML.
+
+The explained models are `analysis.baselines` names: by default raw zero-shot and, given an adapter, fine-tuned;
+any baseline (calibrated zero-shot, k-shot) can be added. All are explained on the same coalitions, and each
+baseline is compared with the fine-tuned model (without an adapter: each other baseline with the first).
 
 Every finished example is written at once to `<output-dir>/.progress/<index>.json`; a rerun with the same settings
 skips those and recomputes nothing. The final files are written atomically at the end.
+
+Sharding: with `num_shards` > 1 a process explains only the examples whose index is `shard_index` modulo
+`num_shards` into the shared progress folder; the run that finds every example there (or rank 0 under `torchrun`,
+after a barrier) merges them into the final files, which are identical to a single-process run's.
 """
 
 from __future__ import annotations
@@ -19,7 +27,17 @@ import numpy as np
 import shap
 import torch
 
-from analysis.evaluation import DISPLAY_NAMES, check_output_dir, load_fine_tuned
+from analysis.baselines import (
+    DEFAULT_K,
+    FINE_TUNED,
+    K_SHOT,
+    MODEL_ORDER,
+    ZERO_SHOT,
+    check_baselines,
+    display_name,
+    model_specs,
+)
+from analysis.evaluation import check_output_dir
 from analysis.explanation_plots import plot_deletion_curves, plot_top_tokens
 from analysis.explanation_stats import compare_models, model_statistics
 from analysis.explanations_html import explanations_html
@@ -33,11 +51,8 @@ from analysis.faithfulness import (
 from analysis.files import to_json_ready, write_json_atomic, write_text_atomic
 from analysis.shap_explain import (
     BUDGET_NOTE,
-    FINE_TUNED,
     MASKS_PER_ROUND,
-    MODELS,
     TARGETS,
-    ZERO_SHOT,
     TweetMasker,
     budget_resolution,
     explain_tweet,
@@ -49,8 +64,8 @@ from analysis.shap_explain import (
 )
 from lightning_modules.errors import UserInputError
 
-SHAP_FILES = {ZERO_SHOT: "zero_shot_shap.json", FINE_TUNED: "fine_tuned_shap.json"}
-SUMMARY_PLOTS = {ZERO_SHOT: "zero_shot_shap_summary.png", FINE_TUNED: "fine_tuned_shap_summary.png"}
+SHAP_FILES = {model: f"{model}_shap.json" for model in MODEL_ORDER}
+SUMMARY_PLOTS = {model: f"{model}_shap_summary.png" for model in MODEL_ORDER}
 METRICS_FILE = "interpretability_metrics.json"
 DELETION_PLOT = "deletion_curves.png"
 HTML_FILE = "explanations.html"
@@ -67,6 +82,9 @@ class AnalysisResult:
     files: list[Path] = field(default_factory=list)
     computed: list[int] = field(default_factory=list)  # example indices explained in this run
     resumed: list[int] = field(default_factory=list)  # example indices read back from .progress
+    models: list[str] = field(default_factory=list)
+    merged: bool = True  # False for a shard whose final files another shard (or a later run) writes
+    removed_stale: list[Path] = field(default_factory=list)
 
 
 # ---- resumable per-example records ------------------------------------------------------------------------------
@@ -121,7 +139,7 @@ def explain_example(
     seed: int,
     random_orders: int = RANDOM_ORDERS,
 ) -> dict:
-    """Both models' SHAP values, targets, additivity errors and faithfulness for one (non-empty) tweet."""
+    """Every model's SHAP values, targets, additivity errors and faithfulness for one (non-empty) tweet."""
     full = {name: fn([text])[0] for name, fn in value_functions.items()}
     predicted = {name: int(np.argmax(p)) for name, p in full.items()}
     targets = predicted if target == "predicted" else {name: gold for name in value_functions}
@@ -173,25 +191,46 @@ def _target_values(records: list[dict], model: str) -> list[np.ndarray]:
     return [np.asarray(r["models"][model]["values"], dtype=float)[:, r["models"][model]["target"]] for r in records]
 
 
-def interpretability_metrics(records: list[dict], settings: dict, notes: list[str], n_resamples: int, seed: int):
-    """Everything measured, as one JSON-ready dict: per-model statistics, comparison, faithfulness, checks."""
+def compared_pairs(models: list[str]) -> dict[str, tuple[str, str]]:
+    """`{"<reference>_vs_<baseline>": (baseline, reference)}`: each baseline against the fine-tuned model, or
+    (without one) against the first baseline; the names match `comparison.json`'s."""
+    reference = FINE_TUNED if FINE_TUNED in models else models[0]
+    return {f"{reference}_vs_{other}": (other, reference) for other in models if other != reference}
+
+
+def interpretability_metrics(
+    records: list[dict], models: list[str], settings: dict, notes: list[str], n_resamples: int, seed: int
+) -> dict:
+    """Everything measured, as one JSON-ready dict: per-model statistics, comparisons, faithfulness, checks.
+
+    `comparison` (the original's key) holds the first pair of `comparisons`: raw zero-shot vs fine-tuned by default.
+    """
     tokens = [r["feature_names"] for r in records]
-    values = {model: _target_values(records, model) for model in MODELS}
-    faithfulness_rows = {model: [r["models"][model]["faithfulness"] for r in records] for model in MODELS}
-    additivity = {model: max(r["models"][model]["additivity_error"] for r in records) for model in MODELS}
+    values = {model: _target_values(records, model) for model in models}
+    faithfulness_rows = {model: [r["models"][model]["faithfulness"] for r in records] for model in models}
+    additivity = {model: max(r["models"][model]["additivity_error"] for r in records) for model in models}
     largest = max(additivity.values())
     resolutions = [r["resolution"] for r in records]
-    return {
+    pairs = compared_pairs(models)
+    comparisons = {
+        key: compare_models(
+            values[a], values[b], tokens, n_resamples=n_resamples, seed=seed, top_k=TOP_TOKENS, names=(a, b)
+        )
+        for key, (a, b) in pairs.items()
+    }
+    metrics = {
         "settings": settings,
         "notes": notes,
         "n_examples": len(records),
+        "models": list(models),
         "target": {
             "source": settings["target"],
-            "same_target_fraction": float(
-                np.mean([r["models"][ZERO_SHOT]["target"] == r["models"][FINE_TUNED]["target"] for r in records])
-            ),
+            "same_target_fraction": {
+                key: float(np.mean([r["models"][a]["target"] == r["models"][b]["target"] for r in records]))
+                for key, (a, b) in pairs.items()
+            },
             "per_example": [
-                {"index": r["index"], "gold": r["gold"], **{m: r["models"][m]["target"] for m in MODELS}}
+                {"index": r["index"], "gold": r["gold"], **{m: r["models"][m]["target"] for m in models}}
                 for r in records
             ],
         },
@@ -208,42 +247,43 @@ def interpretability_metrics(records: list[dict], settings: dict, notes: list[st
             "counts": {name: resolutions.count(name) for name in ("exact", "approximate", "coarse")},
             "mean_shared_credit_fraction": {
                 model: float(np.mean([r["models"][model]["shared_credit_fraction"] for r in records]))
-                for model in MODELS
+                for model in models
             },
             "per_example": [
                 {
                     **{
                         key: r[key] for key in ("index", "n_tokens", "evals_used", "evals_for_exact_owen", "resolution")
                     },
-                    "shared_credit_fraction": {m: r["models"][m]["shared_credit_fraction"] for m in MODELS},
+                    "shared_credit_fraction": {m: r["models"][m]["shared_credit_fraction"] for m in models},
                 }
                 for r in records
             ],
         },
-        ZERO_SHOT: model_statistics(values[ZERO_SHOT], tokens, top_k=TOP_TOKENS),
-        FINE_TUNED: model_statistics(values[FINE_TUNED], tokens, top_k=TOP_TOKENS),
-        "comparison": compare_models(
-            values[ZERO_SHOT], values[FINE_TUNED], tokens, n_resamples=n_resamples, seed=seed, top_k=TOP_TOKENS
-        ),
+        **{model: model_statistics(values[model], tokens, top_k=TOP_TOKENS) for model in models},
         "faithfulness": {
             "fractions": list(FRACTIONS),
             "random_orders_per_example": settings["random_orders"],
-            **{m: summarize_model_faithfulness(faithfulness_rows[m], n_resamples, seed) for m in MODELS},
-            "zero_shot_vs_fine_tuned": compare_model_faithfulness(
-                faithfulness_rows[ZERO_SHOT], faithfulness_rows[FINE_TUNED], n_resamples, seed
-            ),
+            **{m: summarize_model_faithfulness(faithfulness_rows[m], n_resamples, seed) for m in models},
+            **{
+                key: compare_model_faithfulness(faithfulness_rows[a], faithfulness_rows[b], n_resamples, seed, (a, b))
+                for key, (a, b) in pairs.items()
+            },
         },
         "timing": {
             "seconds_per_example": [r["seconds"] for r in records],
-            "note": "SHAP time per example for both models together (faithfulness excluded); resumed examples keep "
-            "the time of the run that computed them",
+            "note": f"SHAP time per example for all {len(models)} models together (faithfulness excluded); resumed "
+            "examples keep the time of the run that computed them",
         },
     }
+    if comparisons:
+        metrics["comparison"] = next(iter(comparisons.values()))
+        metrics["comparisons"] = comparisons
+    return metrics
 
 
-def budget_warning(records: list[dict], max_evals: int) -> str | None:
+def budget_warning(records: list[dict], models: list[str], max_evals: int) -> str | None:
     """What a too-small --shap-max-evals did to these explanations, in one sentence (None when nothing)."""
-    shared = [r["models"][m]["shared_credit_fraction"] for r in records for m in MODELS]
+    shared = [r["models"][m]["shared_credit_fraction"] for r in records for m in models]
     coarse = [r for r in records if r["resolution"] == "coarse"]
     if not coarse and max(shared) == 0:
         return None
@@ -281,12 +321,37 @@ def _check_arguments(example_count: int, max_evals: int, batch_size: int, target
 def _to_device(module) -> None:
     # 4-bit weights are placed on their device when loaded; a full-precision backbone is moved here.
     if torch.cuda.is_available() and not module.quantized:
-        module.to("cuda")
+        module.to(f"cuda:{torch.cuda.current_device()}")
+
+
+def _check_shard(shard_index: int, num_shards: int) -> None:
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise UserInputError(
+            f"--shard-index {shard_index} is not in 0..{num_shards - 1} for --num-shards {num_shards}; "
+            "give each of N processes a different index from 0 to N - 1."
+        )
+
+
+def distributed_shard() -> tuple[int, int] | None:
+    """(rank, world size) when launched by `torchrun` with more than one process; None otherwise."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def _barrier() -> None:
+    """Wait for every rank (torchrun); the process group is created on first use (gloo works on any device)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
 
 
 def run_analysis(
     config: str | Path,
-    adapter: str | Path,
+    adapter: str | Path | None,
     output_dir: str | Path,
     example_count: int = 10,
     max_evals: int = 200,
@@ -298,24 +363,45 @@ def run_analysis(
     overrides: list[str] | None = None,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
     after_example: Callable[[int], None] | None = None,
+    baselines: tuple[str, ...] | list[str] = (ZERO_SHOT,),
+    k_shot: int = DEFAULT_K,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
 ) -> AnalysisResult:
-    """Explain the first `example_count` eval tweets with both models and write every file into `output_dir`.
+    """Explain the first `example_count` eval tweets with the baselines (and the fine-tuned model, given `adapter`).
 
     `random_orders`: random token rankings per example for the faithfulness baseline. `after_example(index)` is
-    called after each newly computed example is saved (tests use it to interrupt a run).
+    called after each newly computed example is saved (tests use it to interrupt a run). `shard_index` /
+    `num_shards` (default: torchrun's RANK / WORLD_SIZE, else one shard) split the examples across processes.
     """
+    from lightning_modules.adapters import load_adapter
     from scripts.cli import build_from_config
 
     _check_arguments(example_count, max_evals, batch_size, target)
+    baselines = check_baselines(baselines, k_shot)
+    distributed = distributed_shard() if shard_index is None and num_shards is None else None
+    if distributed:
+        shard_index, num_shards = distributed
+    shard_index, num_shards = shard_index or 0, num_shards or 1
+    _check_shard(shard_index, num_shards)
     folder = check_output_dir(output_dir)
+    adapter_path = Path(adapter).expanduser().resolve() if adapter else None
+    if adapter_path and not adapter_path.exists():  # fail before the (slow) model load
+        raise UserInputError(
+            f"The adapter '{adapter_path}' does not exist; pass a lora_adapter/ folder or a .ckpt file."
+        )
     datamodule, module = build_from_config(str(config), list(overrides or []))
     prompt = datamodule.prompt_description()
-    adapter_path = Path(adapter).expanduser().resolve()
-    load_fine_tuned(module, adapter_path, prompt)
+    if adapter_path:
+        load_adapter(module, adapter_path, prompt)
     _to_device(module)
     label_names = datamodule.label_names
     examples = datamodule.eval_examples
+    models = baselines + ([FINE_TUNED] if adapter_path else [])
+    specs = model_specs(module, datamodule, models, k_shot)
     encoder = datamodule.encoder
+    # Every model explains the same tweet tokens: cut long tweets to the tightest prompt's budget.
+    tweet_budget = min(spec.encoder.tweet_budget for spec in specs.values())
 
     notes: list[str] = []
     if datamodule.skipped_empty:
@@ -331,8 +417,9 @@ def run_analysis(
 
     settings = {
         "base_model": module.hparams.model_name,
-        "adapter": str(adapter_path),
-        "adapter_digest": adapter_digest(module),
+        "adapter": str(adapter_path) if adapter_path else None,
+        "adapter_digest": adapter_digest(module) if adapter_path else None,
+        "models": {name: spec.describe() for name, spec in specs.items()},
         "prompt": prompt,
         "dataset": {key: datamodule.hparams[key] for key in ("dataset_name", "eval_split", "eval_subset", "seed")},
         "max_evals": max_evals,
@@ -343,104 +430,147 @@ def run_analysis(
         "masks_per_round": MASKS_PER_ROUND,
         "explainer": f"shap {shap.__version__} Partition explainer, Text masker over the tweet tokens",
     }
+    if K_SHOT in specs:
+        settings["k_shot"] = k_shot
     folder.mkdir(parents=True, exist_ok=True)
+    if distributed and shard_index != 0:
+        _barrier()  # rank 0 validates (or discards) the progress folder first
     store = ProgressStore(folder / PROGRESS_DIR, settings, notes)
+    if distributed and shard_index == 0:
+        _barrier()
     for note in notes[logged:]:
         log(f"note: {note}")
     masker = tweet_masker(encoder)
-    value_functions = model_value_functions(module, encoder, batch_size)
-    records: list[dict] = []
-    result = AnalysisResult(folder, {}, notes)
-    for index in range(example_count):
-        text, truncated = fit_to_budget(encoder, normalize_tweet(examples[index].text))
+    value_functions = model_value_functions(module, specs, batch_size)
+    result = AnalysisResult(folder, {}, notes, models=models)
+
+    def explained(index: int, compute: bool) -> dict | None:
+        """Example `index`'s record: read back from the store, else computed now (when `compute`), else None."""
+        text, truncated = fit_to_budget(encoder, normalize_tweet(examples[index].text), tweet_budget)
         if not text or not encoder.tweet_ids(text):
             notes.append(f"example {index} has an empty tweet; skipped")
             log(f"note: {notes[-1]}")
-            continue
+            return None
         if truncated:
             notes.append(f"example {index} is longer than the prompt allows; explained the tokens the model sees")
         record = store.load(index, text)
         if record is not None:
-            result.resumed.append(index)
-        else:
-            record = explain_example(
-                index,
-                text,
-                examples[index].label,
-                encoder,
-                masker,
-                value_functions,
-                max_evals,
-                target,
-                seed,
-                random_orders,
-            )
-            store.save(index, record)
-            result.computed.append(index)
-            log(
-                f"explained example {index + 1}/{example_count} ({record['n_tokens']} tokens, "
-                f"{record['evals_used']} evaluations per model) in {record['seconds']:.1f} s"
-            )
-            if after_example is not None:
-                after_example(index)
-            record = json.loads((store.folder / f"{index}.json").read_text())  # identical to a resumed one
-        records.append(record)
+            if index not in result.computed:  # the merge pass reads back this process's own shard too
+                result.resumed.append(index)
+            return record
+        if not compute:
+            return None
+        record = explain_example(
+            index, text, examples[index].label, encoder, masker, value_functions, max_evals, target, seed, random_orders
+        )
+        store.save(index, record)
+        result.computed.append(index)
+        log(
+            f"explained example {index + 1}/{example_count} ({record['n_tokens']} tokens, "
+            f"{record['evals_used']} evaluations per model) in {record['seconds']:.1f} s"
+        )
+        if after_example is not None:
+            after_example(index)
+        return json.loads((store.folder / f"{index}.json").read_text())  # identical to a resumed one
+
+    shard_notes = len(notes)
+    if num_shards > 1:
+        for index in range(shard_index, example_count, num_shards):
+            explained(index, compute=True)
+        if distributed:
+            _barrier()
+            if shard_index != 0:
+                result.merged = False  # rank 0 merges
+                return result
+        del notes[shard_notes:]  # the merge pass below notes every example again
+    # The merging pass: read every example back (computing any a shard left out); a shard that finds others
+    # missing leaves the merge to the last shard or a later run without sharding.
+    merge_computes = num_shards == 1 or distributed is not None
+    records = [r for r in (explained(i, compute=merge_computes) for i in range(example_count)) if r is not None]
+    if not merge_computes and len(records) + _count_skipped(notes) < example_count:
+        result.merged = False
+        return result
     if not records:
         raise UserInputError(f"None of the first {example_count} eval examples has tweet text to explain.")
 
-    warning = budget_warning(records, max_evals)
+    warning = budget_warning(records, models, max_evals)
     if warning:
         notes.append(warning)
         log(f"warning: {warning}")
 
-    result.metrics = interpretability_metrics(records, settings, notes, n_resamples, seed)
-    result.files = write_outputs(folder, records, result.metrics, label_names, settings)
+    result.metrics = interpretability_metrics(records, models, settings, notes, n_resamples, seed)
+    result.files, result.removed_stale = write_outputs(folder, records, models, result.metrics, label_names, settings)
     return result
 
 
-def write_outputs(folder: Path, records: list[dict], metrics: dict, label_names: list[str], settings: dict):
+def _count_skipped(notes: list[str]) -> int:
+    return sum(note.endswith("has an empty tweet; skipped") for note in notes)
+
+
+def write_outputs(
+    folder: Path, records: list[dict], models: list[str], metrics: dict, label_names: list[str], settings: dict
+) -> tuple[list[Path], list[Path]]:
+    """The per-model SHAP files and plots, deletion curves, HTML page and metrics; removes other models' files."""
+    names = {model: display_name(model, settings.get("k_shot")) for model in models}
     files = []
-    for model in MODELS:
+    for model in models:
         content = explanation_file_content(model, records, label_names, settings)
         files.append(write_json_atomic(folder / SHAP_FILES[model], content))
         files.append(
             plot_top_tokens(
                 metrics[model]["top_tokens"],
-                f"{DISPLAY_NAMES[model]}: tokens by total |SHAP| (top {TOP_TOKENS}, {len(records)} tweets)",
+                f"{names[model]}: tokens by total |SHAP| (top {TOP_TOKENS}, {len(records)} tweets)",
                 folder / SUMMARY_PLOTS[model],
             )
         )
-    faithfulness = {DISPLAY_NAMES[m]: metrics["faithfulness"][m] for m in MODELS}
+    faithfulness = {names[m]: metrics["faithfulness"][m] for m in models}
     files.append(plot_deletion_curves(faithfulness, folder / DELETION_PLOT))
-    page = explanations_html(records, label_names, DISPLAY_NAMES, "Zero-shot vs fine-tuned: SHAP of the tweet tokens")
-    files.append(write_text_atomic(folder / HTML_FILE, page))
+    title = " vs ".join(names.values()).capitalize() + ": SHAP of the tweet tokens"
+    files.append(write_text_atomic(folder / HTML_FILE, explanations_html(records, label_names, names, title)))
     files.append(write_json_atomic(folder / METRICS_FILE, metrics))
-    return files
+    removed = []
+    for model in (m for m in MODEL_ORDER if m not in models):  # never mix two runs' models in one folder
+        for path in (folder / SHAP_FILES[model], folder / SUMMARY_PLOTS[model]):
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+    return files, removed
 
 
 def summary_lines(result: AnalysisResult) -> list[str]:
     """A short report of a run: what was explained, the headline comparisons, the checks, the files."""
+    if not result.merged:
+        return [
+            f"explained {len(result.computed)} examples of this shard ({len(result.resumed)} were already done); "
+            f"the final files are written by the run that finds every example in {result.output_dir / PROGRESS_DIR}"
+        ]
     m = result.metrics
-    comparison, faithfulness = m["comparison"], m["faithfulness"]
+    faithfulness = m["faithfulness"]
+    k = m["settings"].get("k_shot")
     lines = [
         f"explained {m['n_examples']} tweets ({len(result.computed)} computed now, {len(result.resumed)} resumed)",
         f"additivity: largest |base + sum(SHAP) - f(x)| = {m['additivity']['max_abs_error']:.2e}",
     ]
-    for model in MODELS:
+    for model in result.models:
         stats = m[model]
         top = ", ".join(row["token"] for row in stats["top_tokens"][:5])
         comp = faithfulness[model]["comprehensiveness"]["mean_aopc"]
         comp_random = faithfulness[model]["comprehensiveness_random"]["mean_aopc"]
         lines.append(
-            f"{DISPLAY_NAMES[model]:>10}: mean |SHAP| {stats['mean_abs_importance']:.4f}, Gini {stats['mean_gini']:.3f}"
-            f", comprehensiveness AOPC {comp:.3f} (random {comp_random:.3f}); top tokens: {top}"
+            f"{display_name(model, k):>20}: mean |SHAP| {stats['mean_abs_importance']:.4f}, "
+            f"Gini {stats['mean_gini']:.3f}, comprehensiveness AOPC {comp:.3f} (random {comp_random:.3f}); "
+            f"top tokens: {top}"
         )
-    cosine = comparison["cosine_similarity"]
-    if cosine["mean"] is not None:
-        lines.append(
-            f"zero-shot vs fine-tuned: cosine {cosine['mean']:.3f} [{cosine['ci_low']:.3f}, {cosine['ci_high']:.3f}]"
-        )
+    for comparison in (m.get("comparisons") or {}).values():
+        a, b = comparison["models"]
+        cosine = comparison["cosine_similarity"]
+        if cosine["mean"] is not None:
+            lines.append(
+                f"{display_name(a, k)} vs {display_name(b, k)}: cosine {cosine['mean']:.3f} "
+                f"[{cosine['ci_low']:.3f}, {cosine['ci_high']:.3f}]"
+            )
     lines.extend(f"note: {note}" for note in result.notes)
+    lines.extend(f"removed {path} from an earlier run with other models" for path in result.removed_stale)
     lines.append(f"results in {result.output_dir}")
     lines.extend(f"  {path.name}" for path in result.files)
     return lines

@@ -250,6 +250,16 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     }
 
 
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the given order: the i-th smallest times (m - i), running max, <= 1."""
+    p = np.asarray(p_values, dtype=np.float64)
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * (len(p) - np.arange(len(p)))
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return adjusted.tolist()
+
+
 def _difference(metric: Metric) -> Callable[[np.ndarray, np.ndarray, np.ndarray], float]:
     return lambda y_true, probs_a, probs_b: metric(y_true, probs_b) - metric(y_true, probs_a)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from analysis.badge import BADGE_FILE, BADGE_ID, BADGE_MANIFEST, PROJECT_ROOT, install_badge
+from analysis.baselines import BASELINES, DEFAULT_K, ZERO_SHOT, check_baselines, display_name
 from analysis.evaluation import PREDICTIONS_FILE, TENSORBOARD_DIR
 from analysis.files import write_json_atomic, write_text_atomic
 from analysis.report_html import REPORT_FILE, write_report
@@ -69,6 +70,10 @@ class ExperimentOptions:
     shap_max_evals: int = 200
     load_in_4bit: bool = True
     finetune: bool = False
+    # Ours, beyond the original's flags: the prompt-only baselines evaluated (and explained) beside LoRA.
+    baselines: tuple[str, ...] = BASELINES
+    k_shot: int = DEFAULT_K
+    shap_baselines: tuple[str, ...] = (ZERO_SHOT,)
     output_dir: str = "outputs/tweet_sentiment_extraction"
     project_badge_dir: str | None = None
     project_badge: bool = True
@@ -112,6 +117,9 @@ def lightning_config(options: ExperimentOptions, output_dir: Path) -> dict:
 
 
 def check_options(options: ExperimentOptions) -> None:
+    check_baselines(options.baselines, options.k_shot)
+    if options.run_shap:
+        check_baselines(options.shap_baselines, options.k_shot)
     for flag, value in (("--train-subset", options.train_subset), ("--eval-subset", options.eval_subset)):
         if value is not None and value < 1:
             raise UserInputError(f"{flag} must be a positive number of examples or None (all), got {value}.")
@@ -206,7 +214,8 @@ def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentRe
         if options.finetune:
             log("== fine-tuning a LoRA adapter (scripts/train.py fit) ==")
             adapter = run.train()
-        log("== evaluating the zero-shot " + ("and the fine-tuned model" if adapter else "model") + " ==")
+        evaluated = [display_name(m, options.k_shot) for m in options.baselines] + (["fine-tuned"] if adapter else [])
+        log(f"== evaluating: {', '.join(evaluated)} ==")
         run.evaluate(adapter)
         if options.run_shap:
             log("== explaining with SHAP ==")
@@ -277,7 +286,13 @@ class ExperimentRun:
         from analysis.evaluation import evaluate, summary_lines
 
         with self.timer.phase("evaluate"):
-            evaluation = evaluate(config=self.config_path, output_dir=self.folder, adapter=adapter)
+            evaluation = evaluate(
+                config=self.config_path,
+                output_dir=self.folder,
+                adapter=adapter,
+                baselines=self.options.baselines,
+                k_shot=self.options.k_shot,
+            )
         _release_memory()
         self.produced += [path.name for path in evaluation.files] + [TENSORBOARD_DIR]
         self.manifest["data"]["eval"] = _predictions_fingerprint(self.folder / PREDICTIONS_FILE)
@@ -285,16 +300,26 @@ class ExperimentRun:
         self.save_manifest()
 
     def explain(self, adapter: Path | None) -> None:
-        from analysis.analyze import SHAP_FILES
+        from analysis.analyze import SHAP_FILES, SUMMARY_PLOTS, run_analysis, summary_lines
         from analysis.evaluation import show_in_notebook
 
         with self.timer.phase("explain"):
-            files, summary, figures = explain(self.options, self.config_path, self.folder, adapter)
+            result = run_analysis(
+                config=self.config_path,
+                adapter=adapter,
+                output_dir=self.folder,
+                example_count=self.options.shap_example_count,
+                max_evals=self.options.shap_max_evals,
+                baselines=self.options.shap_baselines,
+                k_shot=self.options.k_shot,
+                log=_to_stderr,
+            )
         _release_memory()
-        self.produced += [path.name for path in files]
-        self.manifest["data"]["explained"] = _explained_fingerprint(self.folder / SHAP_FILES["zero_shot"])
-        self.summary += summary
-        show_in_notebook(figures)
+        self.produced += [path.name for path in result.files]
+        first = self.folder / SHAP_FILES[result.models[0]]
+        self.manifest["data"]["explained"] = _explained_fingerprint(first)
+        self.summary += summary_lines(result)
+        show_in_notebook([self.folder / SUMMARY_PLOTS[model] for model in result.models])
         self.save_manifest()
 
     def finish(self, badge_folder: Path | None) -> ExperimentResult:
@@ -314,31 +339,3 @@ class ExperimentRun:
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def explain(options: ExperimentOptions, config_path: Path, folder: Path, adapter: Path | None):
-    """SHAP on the first N eval tweets: both models with an adapter, else the zero-shot model alone."""
-    from analysis.analyze import SUMMARY_PLOTS, run_analysis
-    from analysis.analyze import summary_lines as analysis_summary
-
-    if adapter is not None:
-        result = run_analysis(
-            config=config_path,
-            adapter=adapter,
-            output_dir=folder,
-            example_count=options.shap_example_count,
-            max_evals=options.shap_max_evals,
-            log=_to_stderr,
-        )
-        figures = [folder / name for name in SUMMARY_PLOTS.values()]
-        return result.files, analysis_summary(result), figures
-    from analysis.zero_shot_explanations import explain_zero_shot
-
-    result = explain_zero_shot(
-        config=config_path,
-        output_dir=folder,
-        example_count=options.shap_example_count,
-        max_evals=options.shap_max_evals,
-        log=_to_stderr,
-    )
-    return result.files, result.summary, [folder / SUMMARY_PLOTS["zero_shot"]]

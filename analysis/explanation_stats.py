@@ -206,9 +206,16 @@ def _paired_cohens_d(differences: np.ndarray) -> float | None:
 
 
 def paired_test(
-    zero_shot: Sequence[float], fine_tuned: Sequence[float], n_resamples: int = 1000, seed: int = 0
+    zero_shot: Sequence[float],
+    fine_tuned: Sequence[float],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    names: tuple[str, str] = ("zero_shot", "fine_tuned"),
 ) -> dict:
-    """Paired comparison of one per-example scalar: bootstrap CI of mean(FT - ZS), Wilcoxon, Cohen's d."""
+    """Paired comparison of one per-example scalar: bootstrap CI of mean(second - first), Wilcoxon, Cohen's d.
+
+    `names` label the two sides in the result (`<first>_mean`, `<second>_mean`).
+    """
     zs, ft = np.asarray(zero_shot, dtype=float), np.asarray(fine_tuned, dtype=float)
     if zs.shape != ft.shape or zs.size == 0:
         raise ValueError("paired_test needs two non-empty sequences of equal length")
@@ -222,8 +229,8 @@ def paired_test(
     else:
         wilcoxon_p = float(stats.wilcoxon(differences).pvalue)
     return {
-        "zero_shot_mean": float(zs.mean()),
-        "fine_tuned_mean": float(ft.mean()),
+        f"{names[0]}_mean": float(zs.mean()),
+        f"{names[1]}_mean": float(ft.mean()),
         "mean_difference": ci["estimate"],
         "ci_low": ci["low"],
         "ci_high": ci["high"],
@@ -259,10 +266,12 @@ def compare_models(
     n_resamples: int = 1000,
     seed: int = 0,
     top_k: int = 20,
+    names: tuple[str, str] = ("zero_shot", "fine_tuned"),
 ) -> dict:
-    """Compare zero-shot and fine-tuned explanations of the same examples (target class only).
+    """Compare two models' explanations of the same examples (target class only): a baseline, then the model.
 
-    Pooled correlations carry no p-value: tokens of one tweet are not independent observations.
+    Differences are second minus first; `names` label the sides. Pooled correlations carry no p-value: tokens of
+    one tweet are not independent observations.
     """
     if not zero_shot or len(zero_shot) != len(fine_tuned):
         raise ValueError(
@@ -285,6 +294,7 @@ def compare_models(
             [row[name] for row in ft_stats["per_example"]],
             n_resamples=n_resamples,
             seed=seed,
+            names=names,
         )
         for name in PAIRED_TEST_STATISTICS
     }
@@ -300,10 +310,11 @@ def compare_models(
     )
     result["per_model"] = {
         name: {key: model[key] for key in ("mean_abs_importance", "mean_gini", "mean_entropy")}
-        for name, model in (("zero_shot", zs_stats), ("fine_tuned", ft_stats))
+        for name, model in zip(names, (zs_stats, ft_stats))
     }
     result["per_example_mean_abs_delta"] = [row["mean_abs_delta"] for row in paired_rows]
     result["n_examples"] = len(zero_shot)
+    result["models"] = list(names)
     return result
 
 

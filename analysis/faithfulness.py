@@ -76,15 +76,20 @@ def summarize_model_faithfulness(per_example: list[dict], n_resamples: int = 100
 
 
 def compare_model_faithfulness(
-    zero_shot: list[dict], fine_tuned: list[dict], n_resamples: int = 1000, seed: int = 0
+    zero_shot: list[dict],
+    fine_tuned: list[dict],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    names: tuple[str, str] = ("zero_shot", "fine_tuned"),
 ) -> dict:
-    """Paired zero-shot vs fine-tuned AOPC per mode: bootstrap CI of the mean difference, Wilcoxon, Cohen's d."""
+    """Paired AOPC per mode, second minus first: bootstrap CI of the mean difference, Wilcoxon, Cohen's d."""
     return {
         mode: paired_test(
             [row[mode]["aopc"] for row in zero_shot],
             [row[mode]["aopc"] for row in fine_tuned],
             n_resamples=n_resamples,
             seed=seed,
+            names=names,
         )
         for mode in FAITHFULNESS_MODES
     }

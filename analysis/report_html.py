@@ -14,6 +14,8 @@ from collections.abc import Collection, Sequence
 from html import escape
 from pathlib import Path
 
+from analysis.baselines import MODEL_ORDER
+from analysis.baselines import display_name as model_display_name
 from analysis.files import write_text_atomic
 
 REPORT_FILE = "report.html"
@@ -22,13 +24,14 @@ COMPARISON_FILE = "comparison.json"
 INTERPRETABILITY_FILE = "interpretability_metrics.json"
 EXPLANATIONS_FILE = "explanations.html"
 BADGE_MANIFEST = "project_badge.json"
-MODEL_ORDER = ("zero_shot", "fine_tuned")  # other models (baselines) go between these two
 FIGURES = (
     ("metrics_comparison.png", "Headline metrics with 95 % bootstrap CIs"),
     ("confusion_matrices.png", "Confusion matrices"),
     ("reliability_diagram.png", "Reliability diagram"),
-    ("zero_shot_shap_summary.png", "Zero-shot: top tokens by total |SHAP|"),
-    ("fine_tuned_shap_summary.png", "Fine-tuned: top tokens by total |SHAP|"),
+    *(
+        (f"{model}_shap_summary.png", f"{model_display_name(model).capitalize()}: top tokens by total |SHAP|")
+        for model in MODEL_ORDER
+    ),
     ("deletion_curves.png", "Faithfulness: deletion curves"),
 )
 HEADLINE = (
@@ -62,7 +65,7 @@ PAIRED_STATISTICS = (
     ("top_token_jaccard", "top-token Jaccard"),
     ("pearson", "Pearson r"),
     ("spearman", "Spearman ρ"),
-    ("mean_abs_delta", "mean |SHAP| delta (FT − ZS)"),
+    ("mean_abs_delta", "mean |SHAP| delta (second − first)"),
 )
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 1.5em 2em; max-width: 72em; color: #111; }
@@ -126,8 +129,9 @@ def _data_uri(path: Path, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
-def display_name(model: str) -> str:
-    return model.replace("_", "-")
+def display_name(model: str, names: dict | None = None) -> str:
+    """The run's own name for a model (e.g. `4-shot`) where it recorded one, else the fixed display name."""
+    return (names or {}).get(model) or model_display_name(model)
 
 
 # ---- reading the folder -----------------------------------------------------------------------------------------
@@ -139,23 +143,27 @@ def _read_json(path: Path):
 
 
 def metrics_by_model(folder: Path, names: Collection[str]) -> dict[str, dict]:
-    """`<model>_metrics.json` files, zero-shot first and fine-tuned last."""
+    """`<model>_metrics.json` files in MODEL_ORDER: baselines first, fine-tuned last."""
     found = {}
     for name in sorted(names):
         if name.endswith("_metrics.json") and name != INTERPRETABILITY_FILE:
             content = _read_json(folder / name)
             if isinstance(content, dict):
                 found[name.removesuffix("_metrics.json")] = content
-    rank = {MODEL_ORDER[0]: 0, MODEL_ORDER[-1]: 2}
-    return dict(sorted(found.items(), key=lambda item: rank.get(item[0], 1)))
+    rank = {model: i for i, model in enumerate(MODEL_ORDER)}
+    return dict(sorted(found.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
+
+
+def _recorded_names(metrics: dict[str, dict]) -> dict[str, str]:
+    return {model: (values.get("source") or {}).get("display_name") for model, values in metrics.items()}
 
 
 # ---- sections ---------------------------------------------------------------------------------------------------
-def _header(manifest: dict | None, badge_svg: Path | None, models: Sequence[str]) -> str:
+def _header(manifest: dict | None, badge_svg: Path | None, models: Sequence[str], names: dict) -> str:
     badge = ""
     if badge_svg is not None and badge_svg.is_file():
         badge = f'<img src="{_data_uri(badge_svg, "image/svg+xml")}" alt="Quantum Pass badge">'
-    title = " vs ".join(display_name(model) for model in models).capitalize() or "lora-explain run"
+    title = " vs ".join(display_name(model, names) for model in models).capitalize() or "lora-explain run"
     facts = []
     if manifest:
         model = manifest.get("model") or {}
@@ -188,7 +196,7 @@ def _header(manifest: dict | None, badge_svg: Path | None, models: Sequence[str]
 def _metrics_section(metrics: dict[str, dict]) -> str:
     if not metrics:
         return ""
-    models = list(metrics)
+    models, names = list(metrics), _recorded_names(metrics)
     rows = []
     for key, label in HEADLINE:
         if not any(key in values for values in metrics.values()):
@@ -203,7 +211,7 @@ def _metrics_section(metrics: dict[str, dict]) -> str:
         '<section id="metrics"><h2>Classification metrics</h2>',
         "<p>Label read from the label tokens' logits at the answer position; 95 % percentile bootstrap intervals "
         "in brackets.</p>",
-        _table(["metric"] + [escape(display_name(m)) for m in models], rows),
+        _table(["metric"] + [escape(display_name(m, names)) for m in models], rows),
     ]
     for model in models:
         per_class = metrics[model].get("per_class") or {}
@@ -212,7 +220,7 @@ def _metrics_section(metrics: dict[str, dict]) -> str:
                 [escape(str(name))] + [format_number(row.get(k)) for k in ("precision", "recall", "f1", "support")]
                 for name, row in per_class.items()
             ]
-            parts.append(f"<h3>{escape(display_name(model))}: per class</h3>")
+            parts.append(f"<h3>{escape(display_name(model, names))}: per class</h3>")
             parts.append(_table(["label", "precision", "recall", "F1", "support"], class_rows))
         matrix = metrics[model].get("confusion_matrix")
         labels = metrics[model].get("label_names") or list(per_class)
@@ -226,30 +234,36 @@ def _metrics_section(metrics: dict[str, dict]) -> str:
 def _comparison_section(comparison: dict | None) -> str:
     if not comparison:
         return ""
-    rows = [
-        [
-            escape(name),
-            format_number(d.get("baseline_value")),
-            format_number(d.get("model_value")),
-            format_number(d.get("difference")) + _interval(d.get("ci_low"), d.get("ci_high")),
-        ]
-        for name, d in (comparison.get("differences") or {}).items()
-    ]
-    baseline = escape(display_name(str(comparison.get("baseline", "zero_shot"))))
-    model = escape(display_name(str(comparison.get("model", "fine_tuned"))))
+    names = comparison.get("display_names") or {}
+    pairs = comparison.get("comparisons") or {}
+    reference = escape(display_name(str(comparison.get("reference", "fine_tuned")), names))
     parts = [
-        '<section id="comparison"><h2>Fine-tuned vs zero-shot</h2>',
-        f"<p>Paired bootstrap over the same {format_number(comparison.get('n_examples'))} examples.</p>",
-        _table(["metric", baseline, model, f"{model} − {baseline} [95 % CI]"], rows),
+        f'<section id="comparison"><h2>{reference.capitalize()} vs each baseline</h2>',
+        f"<p>Paired bootstrap over the same {format_number(comparison.get('n_examples'))} examples; exact McNemar "
+        "test on the two models' correctness, with Holm-adjusted p-values across the comparisons.</p>",
     ]
-    mcnemar = comparison.get("mcnemar")
-    if mcnemar:
-        parts.append(
-            f"<p>Exact McNemar test: p = {format_p(mcnemar.get('p_value'))} "
-            f"({format_number(mcnemar.get('n_discordant'))} discordant pairs: "
-            f"{format_number(mcnemar.get('b_only_first_correct'))} only {baseline} correct, "
-            f"{format_number(mcnemar.get('c_only_second_correct'))} only {model} correct).</p>"
-        )
+    for pair in pairs.values():
+        baseline = escape(display_name(str(pair.get("baseline")), names))
+        model = escape(display_name(str(pair.get("model")), names))
+        rows = [
+            [
+                escape(name),
+                format_number(d.get("baseline_value")),
+                format_number(d.get("model_value")),
+                format_number(d.get("difference")) + _interval(d.get("ci_low"), d.get("ci_high")),
+            ]
+            for name, d in (pair.get("differences") or {}).items()
+        ]
+        parts.append(f"<h3>{model} vs {baseline}</h3>")
+        parts.append(_table(["metric", baseline, model, f"{model} − {baseline} [95 % CI]"], rows))
+        mcnemar = pair.get("mcnemar")
+        if mcnemar:
+            parts.append(
+                f"<p>Exact McNemar test: p = {format_p(mcnemar.get('p_value'))} (Holm-adjusted "
+                f"{format_p(mcnemar.get('p_value_holm'))}; {format_number(mcnemar.get('n_discordant'))} discordant "
+                f"pairs: {format_number(mcnemar.get('b_only_first_correct'))} only {baseline} correct, "
+                f"{format_number(mcnemar.get('c_only_second_correct'))} only {model} correct).</p>"
+            )
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -277,6 +291,8 @@ def _explanations_section(interpretability: dict | None, explanations_page: str 
     parts = ['<section id="explanations"><h2>Explanations (SHAP over the tweet tokens)</h2>']
     if interpretability:
         models = [k for k, v in interpretability.items() if isinstance(v, dict) and "mean_abs_importance" in v]
+        k_shot = (interpretability.get("settings") or {}).get("k_shot")
+        names = {model: model_display_name(model, k_shot) for model in models}
         additivity = interpretability.get("additivity") or {}
         settings = interpretability.get("settings") or {}
         parts.append(
@@ -288,15 +304,16 @@ def _explanations_section(interpretability: dict | None, explanations_page: str 
             [escape(label)] + [format_number(interpretability[m].get(key)) for m in models]
             for key, label in EXPLANATION_STATISTICS
         ]
-        parts.append(_table(["statistic"] + [escape(display_name(m)) for m in models], rows))
+        parts.append(_table(["statistic"] + [escape(display_name(m, names)) for m in models], rows))
         for model in models:
             top = interpretability[model].get("top_tokens") or []
             listed = ", ".join(
                 f"{escape(str(row.get('token')))} ({format_number(row.get('total_abs'))})" for row in top[:10]
             )
-            parts.append(f"<p><b>{escape(display_name(model))}</b> top tokens: {listed}</p>")
-        parts.append(_paired_statistics(interpretability.get("comparison")))
-        parts.append(_faithfulness(interpretability.get("faithfulness"), models))
+            parts.append(f"<p><b>{escape(display_name(model, names))}</b> top tokens: {listed}</p>")
+        for comparison in (interpretability.get("comparisons") or {}).values():
+            parts.append(_paired_statistics(comparison, names))
+        parts.append(_faithfulness(interpretability.get("faithfulness"), models, names))
         notes = interpretability.get("notes") or []
         if notes:
             parts.append("<ul>" + "".join(f'<li class="note">{escape(str(note))}</li>' for note in notes) + "</ul>")
@@ -309,9 +326,11 @@ def _explanations_section(interpretability: dict | None, explanations_page: str 
     return "\n".join(parts)
 
 
-def _paired_statistics(comparison: dict | None) -> str:
+def _paired_statistics(comparison: dict | None, names: dict) -> str:
     if not comparison:
         return ""
+    first, second = comparison.get("models") or ("zero_shot", "fine_tuned")
+    a, b = display_name(first, names), display_name(second, names)
     rows = []
     for key, label in PAIRED_STATISTICS:
         stat = comparison.get(key)
@@ -322,20 +341,23 @@ def _paired_statistics(comparison: dict | None) -> str:
     for key, label in (
         ("pooled_pearson", "pooled Pearson r"),
         ("pooled_spearman", "pooled Spearman ρ"),
-        ("mean_abs_importance_difference", "mean |SHAP| difference (FT − ZS)"),
+        ("mean_abs_importance_difference", "mean |SHAP| difference (second − first)"),
         ("cohens_d_abs_importance", "Cohen's d of |SHAP|"),
         ("overall_top_token_jaccard", "overall top-token Jaccard"),
     ):
         if key in comparison:
             rows.append([escape(label), format_number(comparison.get(key))])
-    parts = ["<h3>Zero-shot vs fine-tuned explanations</h3>", _table(["statistic", "value [95 % CI]"], rows)]
+    parts = [
+        f"<h3>{escape(a).capitalize()} (first) vs {escape(b)} (second): explanations</h3>",
+        _table(["statistic", "value [95 % CI]"], rows),
+    ]
     tests = comparison.get("paired_tests") or {}
     if tests:
         test_rows = [
             [
                 escape(name),
-                format_number(t.get("zero_shot_mean")),
-                format_number(t.get("fine_tuned_mean")),
+                format_number(t.get(f"{first}_mean")),
+                format_number(t.get(f"{second}_mean")),
                 format_number(t.get("mean_difference")) + _interval(t.get("ci_low"), t.get("ci_high")),
                 format_p(t.get("wilcoxon_p")),
                 format_number(t.get("cohens_d")),
@@ -344,14 +366,15 @@ def _paired_statistics(comparison: dict | None) -> str:
         ]
         parts.append(
             _table(
-                ["per-tweet statistic", "zero-shot", "fine-tuned", "FT − ZS [95 % CI]", "Wilcoxon p", "Cohen's d"],
+                ["per-tweet statistic", escape(a), escape(b), f"{escape(b)} − {escape(a)} [95 % CI]", "Wilcoxon p"]
+                + ["Cohen's d"],
                 test_rows,
             )
         )
     return "\n".join(parts)
 
 
-def _faithfulness(faithfulness: dict | None, models: Sequence[str]) -> str:
+def _faithfulness(faithfulness: dict | None, models: Sequence[str], names: dict) -> str:
     if not faithfulness:
         return ""
     rows = []
@@ -362,7 +385,7 @@ def _faithfulness(faithfulness: dict | None, models: Sequence[str]) -> str:
             if ours:
                 rows.append(
                     [
-                        escape(f"{display_name(model)}: {mode}"),
+                        escape(f"{display_name(model, names)}: {mode}"),
                         format_number(ours.get("mean_aopc")) + _interval(ours.get("ci_low"), ours.get("ci_high")),
                         format_number(random.get("mean_aopc")) + _interval(random.get("ci_low"), random.get("ci_high")),
                     ]
@@ -428,7 +451,7 @@ def render_report(folder: str | Path, names: Collection[str] | None = None, badg
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
             "<title>lora-explain report</title>",
             f"<style>{STYLE}</style></head><body>",
-            _header(manifest, badge_svg, list(metrics)),
+            _header(manifest, badge_svg, list(metrics), _recorded_names(metrics)),
             f"<nav>{nav}</nav>",
             *[html for html in sections.values() if html],
             "</body></html>",

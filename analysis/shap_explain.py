@@ -12,9 +12,11 @@ sarcasm, which would leak into every attribution. Deletion keeps every model inp
 empty tweet, so the base value is the model's prediction with no tweet evidence at all. The faithfulness curves
 remove tokens the same way, so SHAP and AOPC answer the same question.
 
-Both models see identical masked inputs: one Partition explainer evaluates the zero-shot and the fine-tuned value
-functions side by side on every coalition it chooses (its outputs are the two probability vectors concatenated),
-so a difference between the explanations is never a difference in which coalitions were sampled.
+All explained models see identical masked inputs: one Partition explainer evaluates every model's value function
+(e.g. zero-shot and fine-tuned, or any baseline of `analysis.baselines`) side by side on every coalition it
+chooses (its outputs are the probability vectors concatenated), so a difference between the explanations is never
+a difference in which coalitions were sampled. A k-shot baseline reads the same tweet tokens after a longer prefix;
+a calibrated baseline's value function is the calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -32,9 +34,6 @@ import torch
 from datamodules.prompts import PromptEncoder
 from lightning_modules.scoring import PrefixCache, score_prompts
 
-ZERO_SHOT = "zero_shot"
-FINE_TUNED = "fine_tuned"
-MODELS = (ZERO_SHOT, FINE_TUNED)
 TARGETS = ("predicted", "gold")
 # Coalitions the explainer asks for per round; independent of the forward batch size, so changing --batch-size
 # (e.g. for memory) never changes which coalitions a budget-limited run evaluates.
@@ -110,12 +109,16 @@ def mask_tweet(masker: TweetMasker, text: str, keep: np.ndarray) -> str:
     return str(masker(np.asarray(keep, dtype=bool), text)[0][0])
 
 
-def fit_to_budget(encoder: PromptEncoder, text: str) -> tuple[str, bool]:
-    """The tweet cut to the tokens the prompt keeps (the encoder truncates long tweets inside the tweet)."""
+def fit_to_budget(encoder: PromptEncoder, text: str, budget: int | None = None) -> tuple[str, bool]:
+    """The tweet cut to the tokens the prompt keeps (the encoder truncates long tweets inside the tweet).
+
+    `budget`: a smaller token budget, e.g. the tightest of several prompts explained on the same tweet.
+    """
+    budget = encoder.tweet_budget if budget is None else budget
     encoded = TweetTokenizer(encoder)(text)
-    if len(encoded["input_ids"]) <= encoder.tweet_budget:
+    if len(encoded["input_ids"]) <= budget:
         return text, False
-    return text[: encoded["offset_mapping"][encoder.tweet_budget - 1][1]], True
+    return text[: encoded["offset_mapping"][budget - 1][1]], True
 
 
 # ---- the value function -----------------------------------------------------------------------------------------
@@ -123,7 +126,8 @@ class LabelProbabilities:
     """Value function of one model state: tweet strings -> label-token probabilities, shape (n, classes).
 
     `state` is entered around every call (e.g. `module.zero_shot` disables the adapter), and the prefix cache is
-    computed inside it once, on first use, so each model state gets its own instruction cache.
+    computed inside it once, on first use, so each model state gets its own instruction cache. `transform` maps
+    the raw label probabilities to the explained ones (e.g. contextual calibration).
     """
 
     def __init__(
@@ -133,8 +137,10 @@ class LabelProbabilities:
         batch_size: int = 16,
         state: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         use_prefix_cache: bool = True,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
         self.model = model
+        self.transform = transform
         self.encoder = encoder
         self.batch_size = batch_size
         self.state = state
@@ -161,17 +167,25 @@ class LabelProbabilities:
                 prefix_cache=self.prefix_cache,
             )
         self.evaluations += len(continuations)
-        return scores.probabilities
+        probabilities = scores.probabilities
+        return probabilities if self.transform is None else self.transform(probabilities)
 
 
 def model_value_functions(
-    module, encoder: PromptEncoder, batch_size: int = 16, use_prefix_cache: bool = True
+    module, specs: Mapping, batch_size: int = 16, use_prefix_cache: bool = True
 ) -> dict[str, LabelProbabilities]:
-    """The zero-shot (adapter disabled) and fine-tuned value functions of a classifier, in eval mode."""
+    """One value function per `analysis.baselines.ModelSpec` (prompt, adapter state, calibration), in eval mode."""
     module.eval()  # LoRA dropout off: explanations of a deterministic function
     return {
-        ZERO_SHOT: LabelProbabilities(module.backbone, encoder, batch_size, module.zero_shot, use_prefix_cache),
-        FINE_TUNED: LabelProbabilities(module.backbone, encoder, batch_size, use_prefix_cache=use_prefix_cache),
+        name: LabelProbabilities(
+            module.backbone,
+            spec.encoder,
+            batch_size,
+            state=lambda spec=spec: spec.state(module),
+            use_prefix_cache=use_prefix_cache,
+            transform=None if spec.prior is None else spec.transform,
+        )
+        for name, spec in specs.items()
     }
 
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.embedded_tweets import EMBEDDED_DATASET
 from datamodules.prompts import PromptEncoder, sample_demonstrations
@@ -72,17 +73,27 @@ def collate_prompts(items: list[dict], pad_token_id: int) -> dict[str, torch.Ten
     }
 
 
-class _LengthSorted(torch.utils.data.Sampler):
-    """Deterministic shortest-first order for evaluation: less padding, same metrics."""
+class _LengthSorted(DistributedSampler):
+    """Deterministic shortest-first order for evaluation: less padding, same metrics.
 
-    def __init__(self, dataset: PromptDataset):
-        self.order = sorted(range(len(dataset)), key=lambda i: len(dataset.encoded[i].input_ids))
+    With several processes (DDP), process `rank` takes every `num_replicas`-th example of that order and nothing
+    else: unlike Lightning's DistributedSampler wrapper it adds no padding duplicates, so the synced metrics count
+    every example exactly once (ranks may run one batch more or fewer; validation has no per-batch collective).
+    Being a DistributedSampler, Lightning leaves it unwrapped.
+    """
+
+    def __init__(self, dataset: PromptDataset, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        order = sorted(range(len(dataset)), key=lambda i: len(dataset.encoded[i].input_ids))
+        # Fewer examples than processes: an idle rank would skip the collectives of DDP's first forward and
+        # hang the others, so it scores one duplicate instead.
+        self.indices = order[rank::num_replicas] or order[rank % len(order) :][:1]
 
     def __iter__(self):
-        return iter(self.order)
+        return iter(self.indices)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.indices)
 
 
 class TweetSentimentDataModule(L.LightningDataModule):
@@ -275,14 +286,30 @@ class TweetSentimentDataModule(L.LightningDataModule):
                     f"Truncated {truncated} eval tweets to fit max_seq_length={self.hparams.max_seq_length}."
                 )
 
+    def _processes(self) -> tuple[int, int]:
+        """(number of processes, this one's rank) while a distributed Trainer runs this DataModule, else (1, 0)."""
+        trainer = self.trainer
+        # A finished DDP fit leaves `self.trainer` set: loaders built afterwards (evaluation) must see every row.
+        if trainer is None or trainer.state.status != TrainerStatus.RUNNING:
+            return 1, 0
+        kwargs = trainer.distributed_sampler_kwargs
+        return (kwargs["num_replicas"], kwargs["rank"]) if kwargs else (1, 0)
+
     def _loader(self, dataset: PromptDataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
         pad = self.tokenizer.pad_token_id
+        processes, rank = self._processes()
+        if shuffle:
+            # One permutation per (seed, epoch), whatever the number of processes: rank r takes every
+            # processes-th index, so with per-device batch b the ranks' batches together are exactly the
+            # single-process batch of size b * processes (Lightning calls set_epoch each epoch).
+            sampler = DistributedSampler(dataset, num_replicas=processes, rank=rank, shuffle=True, seed=hp.seed)
+        else:
+            sampler = _LengthSorted(dataset, num_replicas=processes, rank=rank)
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if shuffle else (hp.eval_batch_size or hp.batch_size),
-            shuffle=shuffle,
-            sampler=None if shuffle else _LengthSorted(dataset),
+            sampler=sampler,
             num_workers=hp.num_workers,
             collate_fn=lambda items: collate_prompts(items, pad),
             generator=torch.Generator().manual_seed(hp.seed) if shuffle else None,
@@ -299,3 +326,7 @@ class TweetSentimentDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset, shuffle=False)
+
+    def eval_dataloader_for(self, encoder: PromptEncoder) -> DataLoader:
+        """The eval split encoded with another prompt (e.g. k-shot), batched and sorted like `predict_dataloader`."""
+        return self._loader(PromptDataset(self.eval_examples, encoder), shuffle=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -47,8 +48,20 @@ def ensure_writable(folder: Path, flag: str) -> None:
         raise UserInputError(f"Cannot write to the output folder '{folder}' ({error.strerror}); set {flag}.") from error
 
 
-def run_cli(args: list[str] | None = None) -> int:
+def run_reporting_user_errors(work: Callable[[], list[str] | None]) -> int:
+    """An entry point's exit code: print what `work` returns and give 0, or one `error:` line and 2 on bad input."""
     try:
+        lines = work()
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if lines:
+        print("\n".join(lines))
+    return 0
+
+
+def run_cli(args: list[str] | None = None) -> int:
+    def run() -> None:
         SentimentCLI(
             LoRASentimentClassifier,
             TweetSentimentDataModule,
@@ -56,10 +69,8 @@ def run_cli(args: list[str] | None = None) -> int:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_reporting_user_errors(run)
 
 
 def build_from_config(config: str | None, overrides: list[str] | None = None):

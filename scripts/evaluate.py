@@ -1,4 +1,4 @@
-"""Zero-shot vs fine-tuned metrics, predictions and plots.
+"""Baselines (raw and calibrated zero-shot, k-shot) vs fine-tuned: metrics, predictions and plots.
 
 `python scripts/evaluate.py --config configs/embedded.yaml --adapter outputs/embedded/lora_adapter
 --output-dir outputs/embedded/evaluation`
@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.errors import UserInputError  # noqa: E402
+from analysis.baselines import BASELINES, DEFAULT_K  # noqa: E402
+from scripts.cli import run_reporting_user_errors  # noqa: E402
 
 
 def positive_int(text: str) -> int:
@@ -32,29 +33,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-resamples", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (default auto)")
+    add_baseline_arguments(parser, default=BASELINES)
     return parser.parse_args(argv)
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
+def add_baseline_arguments(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument(
+        "--baselines",
+        nargs="+",
+        choices=BASELINES,
+        default=list(default),
+        help=f"prompt-only models compared with the fine-tuned one (default: {' '.join(default)})",
+    )
+    parser.add_argument(
+        "--k-shot",
+        type=non_negative_int,
+        default=DEFAULT_K,
+        help=f"demonstrations in the k_shot baseline's prompt, drawn from the train split (default {DEFAULT_K})",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from analysis.evaluation import evaluate, summary_lines
 
-    try:
-        result = evaluate(
-            config=args.config,
-            output_dir=args.output_dir,
-            adapter=args.adapter,
-            eval_subset=args.eval_subset,
-            batch_size=args.batch_size,
-            n_resamples=args.n_resamples,
-            seed=args.seed,
-            accelerator=args.accelerator,
+    return run_reporting_user_errors(
+        lambda: summary_lines(
+            evaluate(
+                config=args.config,
+                output_dir=args.output_dir,
+                adapter=args.adapter,
+                eval_subset=args.eval_subset,
+                batch_size=args.batch_size,
+                n_resamples=args.n_resamples,
+                seed=args.seed,
+                accelerator=args.accelerator,
+                baselines=args.baselines,
+                k_shot=args.k_shot,
+            )
         )
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print("\n".join(summary_lines(result)))
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analysis.baselines import BASELINES  # noqa: E402
 from analysis.experiment import ExperimentOptions  # noqa: E402
-from lightning_modules.errors import UserInputError  # noqa: E402
+from scripts.cli import run_reporting_user_errors  # noqa: E402
 
 DEFAULTS = ExperimentOptions()
 
@@ -51,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--load-in-4bit", action="store_true", help="NF4 quantisation on a CUDA GPU (the default)")
     add("--no-load-in-4bit", dest="load_in_4bit", action="store_false", help="full precision")
     add("--finetune", action="store_true", help="train a LoRA adapter and compare it with the zero-shot model")
+    add(
+        "--baselines",
+        nargs="+",
+        choices=BASELINES,
+        default=list(DEFAULTS.baselines),
+        help=f"prompt-only models evaluated beside the fine-tuned one (default: {' '.join(DEFAULTS.baselines)})",
+    )
+    add("--k-shot", type=int, default=DEFAULTS.k_shot, help="demonstrations in the k_shot baseline (default 4)")
+    add(
+        "--shap-baselines",
+        nargs="+",
+        choices=BASELINES,
+        default=list(DEFAULTS.shap_baselines),
+        help="baselines explained with SHAP beside the fine-tuned model (default: zero_shot)",
+    )
     add("--output-dir", default=DEFAULTS.output_dir)
     add("--project-badge-dir", default=DEFAULTS.project_badge_dir, help="where to copy the badge (default: output dir)")
     add("--no-project-badge", dest="project_badge", action="store_false", help="do not copy the Quantum Pass badge")
@@ -68,13 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     options = ExperimentOptions(**vars(build_parser().parse_args(argv)))
     from analysis.experiment import run_experiment
 
-    try:
-        result = run_experiment(options)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print("\n".join(result.summary))
-    return 0
+    return run_reporting_user_errors(lambda: run_experiment(options).summary)
 
 
 if __name__ == "__main__":

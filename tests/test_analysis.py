@@ -16,9 +16,9 @@ import shap
 import torch
 
 from analysis.analyze import HTML_FILE, METRICS_FILE, SHAP_FILES, SUMMARY_PLOTS, run_analysis
+from analysis.baselines import CALIBRATED, FINE_TUNED, K_SHOT, ZERO_SHOT, ModelSpec
+from analysis.calibration import calibrate
 from analysis.shap_explain import (
-    FINE_TUNED,
-    ZERO_SHOT,
     LabelProbabilities,
     explain_tweet,
     load_explanation,
@@ -183,7 +183,8 @@ def test_zero_shot_differs_from_fine_tuned_and_is_the_plain_base_model(encoder, 
         for name, parameter in module.backbone.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0.0, 0.5)  # a non-trivial adapter (B starts at zero)
-    functions = model_value_functions(module, encoder, batch_size=8)
+    specs = {ZERO_SHOT: ModelSpec(ZERO_SHOT, encoder, False), FINE_TUNED: ModelSpec(FINE_TUNED, encoder, True)}
+    functions = model_value_functions(module, specs, batch_size=8)
     masker = tweet_masker(encoder)
     plain = LabelProbabilities(base_model, encoder, batch_size=8)
     for text in TWEETS[1:]:
@@ -206,7 +207,11 @@ def comparable(folder: Path) -> dict:
     metrics.pop("timing")
     return {
         "metrics": metrics,
-        **{model: json.loads((folder / name).read_text()) for model, name in SHAP_FILES.items()},
+        **{
+            model: json.loads((folder / name).read_text())
+            for model, name in SHAP_FILES.items()
+            if (folder / name).exists()
+        },
         "html": (folder / HTML_FILE).read_text(),
     }
 
@@ -234,6 +239,82 @@ def test_a_killed_run_resumes_without_recomputing(trained, tmp_path):
     changed = analyze(trained, tmp_path / "resumed", max_evals=30)  # other settings: old progress is discarded
     assert changed.computed == [0, 1, 2] and any("discarded" in note for note in changed.notes)
     assert straight.metrics["additivity"]["max_abs_error"] < 1e-4
+
+
+def test_baselines_are_explained_on_the_same_tweet_tokens(trained, tmp_path, tiny_model_dir, base_model):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "baselines"
+    result = analyze(trained, out, example_count=2, baselines=[ZERO_SHOT, CALIBRATED, K_SHOT], k_shot=3)
+    models = [ZERO_SHOT, CALIBRATED, K_SHOT, FINE_TUNED]
+    assert result.models == models and result.metrics["models"] == models
+    contents = {model: json.loads((out / SHAP_FILES[model]).read_text()) for model in models}
+    for model in models:  # same features (the tweet's tokens), and every model's values add up
+        assert contents[model]["feature_names"] == contents[ZERO_SHOT]["feature_names"]
+        assert result.metrics["additivity"]["per_model"][model] < 1e-4
+
+    settings = result.metrics["settings"]["models"]
+    prior = np.asarray(settings[CALIBRATED]["calibration"]["prior"])
+    raw = np.asarray(contents[ZERO_SHOT]["probabilities"])
+    np.testing.assert_allclose(contents[CALIBRATED]["probabilities"], calibrate(raw, prior), atol=1e-9)
+    assert np.abs(np.asarray(contents[CALIBRATED]["values"][0]) - contents[ZERO_SHOT]["values"][0]).max() > 1e-4
+
+    # The k-shot value function is the base model reading the demonstrations, then the tweet: a plain forward.
+    shots = [(shot["text"], shot["label"]) for shot in settings[K_SHOT]["demonstrations"]]
+    assert len(shots) == 3 and sorted(label for _, label in shots) == [0, 1, 2]
+    k_encoder = PromptEncoder(AutoTokenizer.from_pretrained(tiny_model_dir), LABELS, demonstrations=shots)
+    with torch.no_grad():
+        for text, probabilities in zip(contents[K_SHOT]["texts"], contents[K_SHOT]["probabilities"]):
+            logits = base_model(torch.tensor([k_encoder.encode(text).input_ids])).logits[0, -1]
+            expected = torch.softmax(logits[k_encoder.label_token_ids].double(), -1).numpy()
+            np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+    comparisons = result.metrics["comparisons"]
+    assert list(comparisons) == [f"fine_tuned_vs_{m}" for m in models[:3]]
+    assert comparisons["fine_tuned_vs_k_shot"]["models"] == [K_SHOT, FINE_TUNED]
+    assert result.metrics["comparison"] == comparisons["fine_tuned_vs_zero_shot"]
+    assert {"k_shot_mean", "fine_tuned_mean"} <= set(comparisons["fine_tuned_vs_k_shot"]["paired_tests"]["gini"])
+    assert "fine_tuned_vs_zero_shot_calibrated" in result.metrics["faithfulness"]
+
+    # Baselines only (no adapter): nothing of the fine-tuned model is left from the run above.
+    alone = run_analysis(
+        trained["config"], None, out, example_count=2, max_evals=40, n_resamples=50, log=lambda message: None
+    )
+    assert alone.models == [ZERO_SHOT] and "comparison" not in alone.metrics
+    assert {p.name for p in out.glob("*_shap.json")} == {SHAP_FILES[ZERO_SHOT]}
+    assert not (out / SUMMARY_PLOTS[FINE_TUNED]).exists() and alone.metrics["settings"]["adapter"] is None
+
+
+def test_shards_merge_into_the_single_process_result(trained, tmp_path):
+    straight = analyze(trained, tmp_path / "straight")
+    first = analyze(trained, tmp_path / "sharded", shard_index=0, num_shards=2)
+    assert not first.merged and first.computed == [0, 2] and not (tmp_path / "sharded" / METRICS_FILE).exists()
+    last = analyze(trained, tmp_path / "sharded", shard_index=1, num_shards=2)
+    assert last.merged and last.resumed == [0, 2] and last.computed == [1]
+    assert comparable(tmp_path / "sharded") == comparable(tmp_path / "straight")
+    assert last.metrics["n_examples"] == straight.metrics["n_examples"] == 3
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_the_examples(trained, tmp_path):
+    straight = tmp_path / "straight"
+    analyze(trained, straight)
+    out = tmp_path / "torchrun"
+    flags = ["--config", str(trained["config"]), "--adapter", str(trained["adapter"]), "--output-dir", str(out)]
+    flags += ["--shap-example-count", "3", "--shap-max-evals", "40", "--n-resamples", "50"]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+        + [str(ROOT / "scripts" / "analyze.py"), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "explained 3 tweets" in done.stdout and "of this shard" in done.stdout  # rank 0 merged, rank 1 did not
+    assert sorted(p.name for p in (out / ".progress").glob("[0-9]*.json")) == ["0.json", "1.json", "2.json"]
+    assert comparable(out) == comparable(straight)
 
 
 def test_gold_target_and_small_budget_are_recorded(trained, tmp_path):
@@ -280,7 +361,8 @@ def test_analyze_script_writes_every_file(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "additivity" in result.stdout
 
-    contents = {model: json.loads((out / name).read_text()) for model, name in SHAP_FILES.items()}
+    assert not (out / SHAP_FILES[K_SHOT]).exists()  # only the models asked for
+    contents = {model: json.loads((out / SHAP_FILES[model]).read_text()) for model in (ZERO_SHOT, FINE_TUNED)}
     for model, content in contents.items():
         explanation = load_explanation(out / SHAP_FILES[model])
         assert isinstance(explanation, shap.Explanation) and len(explanation) == 3
@@ -375,7 +457,7 @@ def test_embedded_model_end_to_end(tmp_path):
         log=lambda message: None,
     )
     assert result.metrics["n_examples"] == 2 and result.metrics["additivity"]["max_abs_error"] < 1e-4
-    for name in SHAP_FILES.values():
+    for name in (SHAP_FILES[ZERO_SHOT], SHAP_FILES[FINE_TUNED]):
         explanation = load_explanation(tmp_path / "out" / name)
         texts = json.loads((tmp_path / "out" / name).read_text())["texts"]
         for i, text in enumerate(texts):

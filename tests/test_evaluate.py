@@ -20,15 +20,17 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"
 FAKE_TOKEN = "hf_never_written_anywhere_123"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ZERO_SHOT_FILES = {
-    "zero_shot_metrics.json",
+MODELS = ("zero_shot", "zero_shot_calibrated", "k_shot", "fine_tuned")
+FIGURES_AND_LOGS = {
     "predictions.jsonl",
     "metrics_comparison.png",
     "confusion_matrices.png",
     "reliability_diagram.png",
     "tensorboard",
 }
-ALL_FILES = ZERO_SHOT_FILES | {"fine_tuned_metrics.json", "comparison.json"}
+ZERO_SHOT_FILES = FIGURES_AND_LOGS | {"zero_shot_metrics.json"}
+BASELINE_FILES = FIGURES_AND_LOGS | {f"{model}_metrics.json" for model in MODELS[:3]} | {"comparison.json"}
+ALL_FILES = BASELINE_FILES | {"fine_tuned_metrics.json"}
 
 
 def write_config(path: Path, model: str, dataset: str, root: Path, **data) -> Path:
@@ -109,11 +111,13 @@ def user_run(trained) -> dict:
 
 
 @torch.no_grad()
-def plain_forward_probabilities(model, tokenizer, texts: list[str], label_names: list[str]) -> np.ndarray:
+def plain_forward_probabilities(
+    model, tokenizer, texts: list[str], label_names: list[str], demonstrations=()
+) -> np.ndarray:
     """Label-token softmax from one uncached, unpadded forward per prompt, logits taken at the last position."""
     from datamodules.prompts import PromptEncoder
 
-    encoder = PromptEncoder(tokenizer, label_names)
+    encoder = PromptEncoder(tokenizer, label_names, demonstrations=demonstrations)
     rows = []
     for text in texts:
         logits = model(torch.tensor([encoder.encode(text).input_ids])).logits[0, -1]
@@ -155,7 +159,7 @@ def test_predictions_hold_the_eval_split_and_both_models(user_run, trained, synt
     label_names = user_run["zero_shot_metrics.json"]["label_names"]
     for row in rows:
         assert label_names[row["label_index"]] == row["label"]
-        for model in ("zero_shot", "fine_tuned"):
+        for model in MODELS:
             probs = np.array([row[model]["probabilities"][name] for name in label_names])
             assert probs.sum() == pytest.approx(1.0)
             assert row[model]["prediction"] == label_names[int(probs.argmax())]
@@ -184,7 +188,36 @@ def test_zero_shot_is_the_plain_base_model_and_fine_tuned_is_the_peft_adapter(us
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["zero_shot", "fine_tuned"])
+def test_baselines_are_the_calibrated_and_the_k_shot_base_model(user_run, trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows, label_names = user_run["rows"], user_run["zero_shot_metrics.json"]["label_names"]
+    texts = [row["text"] for row in rows]
+    tokenizer = AutoTokenizer.from_pretrained(trained["model"])
+    base = AutoModelForCausalLM.from_pretrained(trained["model"]).eval()
+
+    # Calibrated: the raw zero-shot row divided by the mean content-free distribution, renormalised by hand.
+    content_free = plain_forward_probabilities(base, tokenizer, ["", "N/A", "[MASK]"], label_names)
+    prior = content_free.mean(axis=0)
+    raw = plain_forward_probabilities(base, tokenizer, texts, label_names)
+    expected = (raw / prior) / (raw / prior).sum(axis=1, keepdims=True)
+    assert np.abs(probabilities(rows, "zero_shot_calibrated", label_names) - expected).max() <= 1e-5
+    calibration = user_run["zero_shot_calibrated_metrics.json"]["source"]["calibration"]
+    np.testing.assert_allclose(calibration["prior"], prior, atol=1e-6)
+    assert calibration["content_free_inputs"] == ["", "N/A", "[MASK]"]
+
+    # k-shot: 4 demonstrations from the train split in the prompt, read with the adapter disabled.
+    source = user_run["k_shot_metrics.json"]["source"]
+    shots = [(shot["text"], shot["label"]) for shot in source["demonstrations"]]
+    assert len(shots) == 4 and not source["adapter_enabled"] and source["display_name"] == "4-shot"
+    assert not {" ".join(text.split()) for text, _ in shots} & set(texts)
+    expected = plain_forward_probabilities(base, tokenizer, texts, label_names, demonstrations=shots)
+    assert np.abs(probabilities(rows, "k_shot", label_names) - expected).max() <= 1e-5
+    assert source["prompt"]["num_demonstrations"] == 4 and "Tweet: " + shots[0][0] in source["prompt"]["instruction"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
 def test_metrics_files_agree_with_the_predictions(user_run, trained, model):
     rows, metrics = user_run["rows"], user_run[f"{model}_metrics.json"]
     label_names = metrics["label_names"]
@@ -212,25 +245,46 @@ def test_metrics_files_agree_with_the_predictions(user_run, trained, model):
         assert ci["low"] <= metrics[name] + 1e-9 and metrics[name] - 1e-9 <= ci["high"]
     source = metrics["source"]
     assert source["model"] == model and source["base_model"] == trained["model"]
+    assert source["adapter_enabled"] == (model == "fine_tuned")
     assert source["config"] == str(trained["config"])
     assert source["adapter"] == (str(trained["adapter"]) if model == "fine_tuned" else None)
     assert source["prompt"]["label_names"] == label_names and source["prompt"]["instruction"]
 
 
 @pytest.mark.slow
-def test_comparison_is_the_paired_difference_and_mcnemar(user_run):
+def test_comparison_pairs_every_baseline_with_the_fine_tuned_model(user_run):
+    from scipy.stats import binomtest
+
     rows, comparison = user_run["rows"], user_run["comparison.json"]
-    zero_shot = np.array([row["zero_shot"]["correct"] for row in rows])
+    assert comparison["reference"] == "fine_tuned"
+    assert list(comparison["comparisons"]) == [f"fine_tuned_vs_{model}" for model in MODELS[:3]]
     fine_tuned = np.array([row["fine_tuned"]["correct"] for row in rows])
-    accuracy = comparison["differences"]["accuracy"]
-    assert accuracy["difference"] == pytest.approx(fine_tuned.mean() - zero_shot.mean(), abs=1e-6)
-    assert accuracy["ci_low"] <= accuracy["difference"] + 1e-9 <= accuracy["ci_high"] + 2e-9
-    assert accuracy["baseline_value"] == pytest.approx(user_run["zero_shot_metrics.json"]["accuracy"])
-    mcnemar = comparison["mcnemar"]
-    assert mcnemar["b_only_first_correct"] == int(np.sum(zero_shot & ~fine_tuned))
-    assert mcnemar["c_only_second_correct"] == int(np.sum(~zero_shot & fine_tuned))
-    assert 0 <= mcnemar["p_value"] <= 1 and comparison["n_resamples"] >= 1000
+    p_values = []
+    for baseline in MODELS[:3]:
+        pair = comparison["comparisons"][f"fine_tuned_vs_{baseline}"]
+        assert (pair["baseline"], pair["model"]) == (baseline, "fine_tuned")
+        correct = np.array([row[baseline]["correct"] for row in rows])
+        accuracy = pair["differences"]["accuracy"]
+        assert accuracy["difference"] == pytest.approx(fine_tuned.mean() - correct.mean(), abs=1e-6)
+        assert accuracy["ci_low"] <= accuracy["difference"] + 1e-9 <= accuracy["ci_high"] + 2e-9
+        assert accuracy["baseline_value"] == pytest.approx(user_run[f"{baseline}_metrics.json"]["accuracy"])
+        mcnemar = pair["mcnemar"]
+        b, c = int(np.sum(correct & ~fine_tuned)), int(np.sum(~correct & fine_tuned))
+        assert (mcnemar["b_only_first_correct"], mcnemar["c_only_second_correct"]) == (b, c)
+        expected_p = binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
+        assert mcnemar["p_value"] == pytest.approx(expected_p)
+        p_values.append(mcnemar["p_value"])
+    # Holm by hand: sort ascending, multiply the i-th (0-based) by 3 - i, running maximum, cap at 1.
+    order = np.argsort(p_values, kind="stable")
+    running, holm = 0.0, [0.0] * 3
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, p_values[i] * (3 - rank)))
+        holm[i] = running
+    adjusted = [comparison["comparisons"][f"fine_tuned_vs_{m}"]["mcnemar"]["p_value_holm"] for m in MODELS[:3]]
+    assert adjusted == pytest.approx(holm)
+    assert comparison["n_resamples"] >= 1000
     assert comparison["source"]["adapter"] == user_run["fine_tuned_metrics.json"]["source"]["adapter"]
+    assert comparison["display_names"]["k_shot"] == "4-shot"
 
 
 @pytest.mark.slow
@@ -239,40 +293,49 @@ def test_headline_metrics_are_in_tensorboard(user_run):
 
     events = EventAccumulator(str(user_run["folder"] / "tensorboard"))
     events.Reload()
-    for model in ("zero_shot", "fine_tuned"):
+    for model in MODELS:
         for name in ("accuracy", "macro_f1", "ece", "label_space_mass"):
             (scalar,) = events.Scalars(f"{model}/{name}")
             assert scalar.value == pytest.approx(user_run[f"{model}_metrics.json"][name], abs=1e-6)
-    (difference,) = events.Scalars("comparison/accuracy_difference")
-    assert difference.value == pytest.approx(user_run["comparison.json"]["differences"]["accuracy"]["difference"])
+    pair = user_run["comparison.json"]["comparisons"]["fine_tuned_vs_k_shot"]
+    (difference,) = events.Scalars("fine_tuned_vs_k_shot/accuracy_difference")
+    assert difference.value == pytest.approx(pair["differences"]["accuracy"]["difference"])
 
 
 @pytest.mark.slow
 def test_a_lightning_checkpoint_gives_the_same_fine_tuned_model(user_run, trained, tmp_path):
     from analysis.evaluation import evaluate
 
-    result = evaluate(trained["config"], tmp_path / "ckpt", adapter=trained["checkpoint"], progress_bar=False)
+    result = evaluate(
+        trained["config"], tmp_path / "ckpt", adapter=trained["checkpoint"], progress_bar=False, baselines=["zero_shot"]
+    )
     label_names = result.metrics["zero_shot"]["label_names"]
-    rows = read_outputs(tmp_path / "ckpt")["rows"]
+    rows = read_predictions(tmp_path / "ckpt")
     for model in ("zero_shot", "fine_tuned"):
         np.testing.assert_allclose(
             probabilities(rows, model, label_names), probabilities(user_run["rows"], model, label_names), atol=1e-6
         )
 
 
-def test_without_adapter_only_zero_shot_files_are_written(trained, tmp_path):
+def test_without_adapter_the_baselines_are_compared_with_raw_zero_shot(trained, tmp_path):
     from analysis.evaluation import evaluate
 
-    folder = tmp_path / "zero-shot"
+    folder = tmp_path / "baselines"
     folder.mkdir()
-    # An earlier run with an adapter left these: they must not sit next to a zero-shot-only run.
+    # An earlier run with an adapter left this: it must not sit next to a run without one.
     (folder / "fine_tuned_metrics.json").write_text("{}")
-    (folder / "comparison.json").write_text("{}")
     result = evaluate(trained["config"], folder, eval_subset=9, n_resamples=1000, progress_bar=False)
-    assert {p.name for p in folder.iterdir()} == ZERO_SHOT_FILES
-    assert result.comparison is None and set(result.metrics) == {"zero_shot"}
+    assert {p.name for p in folder.iterdir()} == BASELINE_FILES
+    assert list(result.metrics) == list(MODELS[:3])
+    assert result.comparison["reference"] == "zero_shot"
+    assert list(result.comparison["comparisons"]) == ["zero_shot_vs_zero_shot_calibrated", "zero_shot_vs_k_shot"]
     rows = read_predictions(folder)
     assert len(rows) == 9 and all("fine_tuned" not in row for row in rows)
+
+    # Raw zero-shot alone: nothing to compare, and the other models' files from the run above are removed.
+    result = evaluate(trained["config"], folder, eval_subset=9, progress_bar=False, baselines=["zero_shot"])
+    assert {p.name for p in folder.iterdir()} == ZERO_SHOT_FILES
+    assert result.comparison is None and set(result.metrics) == {"zero_shot"}
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
@@ -322,6 +385,8 @@ def bad_inputs(trained, synthetic_folder, tmp_path_factory) -> dict:
             "no rows left",
         ),
         "output folder under a file": (["--config", config, "--output-dir", str(root / "a_file" / "out")], "is a file"),
+        "k-shot baseline without demonstrations": (["--config", config, "--k-shot", "0"], "at least one demonstration"),
+        "more demonstrations than training rows": (["--config", config, "--k-shot", "300"], "Cannot draw"),
     }
 
 
@@ -336,6 +401,8 @@ CASES = [
     "prompt differs",
     "eval split empty after label filtering",
     "output folder under a file",
+    "k-shot baseline without demonstrations",
+    "more demonstrations than training rows",
 ]
 
 
@@ -377,7 +444,7 @@ def test_embedded_model_zero_shot_run_matches_a_plain_forward(embedded_model_dir
         "--config", str(REPO / "configs" / "embedded.yaml"), "--eval-subset", "6", "--output-dir", str(folder)
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert {p.name for p in folder.iterdir()} == ZERO_SHOT_FILES
+    assert {p.name for p in folder.iterdir()} == BASELINE_FILES
     metrics = json.loads((folder / "zero_shot_metrics.json").read_text())
     rows = read_predictions(folder)
     assert metrics["n_examples"] == len(rows) == 6

@@ -87,6 +87,8 @@ OUR_FILES = {
     "report.html",
     "predictions.jsonl",
     "comparison.json",
+    "zero_shot_calibrated_metrics.json",
+    "k_shot_metrics.json",
     "confusion_matrices.png",
     "reliability_diagram.png",
     "deletion_curves.png",
@@ -97,11 +99,19 @@ OUR_FILES = {
 
 
 # ---- flags ------------------------------------------------------------------------------------------------------
+# Ours, beyond the original's: the prompt-only baselines (issue 6).
+BASELINE_DEFAULTS = {
+    "baselines": ["zero_shot", "zero_shot_calibrated", "k_shot"],
+    "k_shot": 4,
+    "shap_baselines": ["zero_shot"],
+}
+
+
 def test_flags_and_defaults_are_the_originals():
     parser = build_parser()
     flags = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
-    assert flags == ORIGINAL_FLAGS
-    assert vars(parser.parse_args([])) == ORIGINAL_DEFAULTS
+    assert flags == ORIGINAL_FLAGS | {"--baselines", "--k-shot", "--shap-baselines"}
+    assert vars(parser.parse_args([])) == ORIGINAL_DEFAULTS | BASELINE_DEFAULTS
 
 
 def test_flags_parse_like_the_original():
@@ -299,7 +309,7 @@ def test_embedded_run_leaves_every_file_with_the_right_content(embedded_run):
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 8
     labels = ["negative", "neutral", "positive"]
-    for model in ("zero_shot", "fine_tuned"):
+    for model in ("zero_shot", "zero_shot_calibrated", "k_shot", "fine_tuned"):
         metrics = json.loads((out / f"{model}_metrics.json").read_text())
         assert metrics["n_examples"] == 8 and metrics["label_names"] == labels
         correct = [row[model]["correct"] for row in rows]
@@ -313,6 +323,9 @@ def test_embedded_run_leaves_every_file_with_the_right_content(embedded_run):
         for key in ("accuracy", "macro_f1"):
             ci = metrics["confidence_intervals"][key]
             assert ci["low"] <= ci["high"] and ci["n_resamples"] >= 1000
+        if model not in ("zero_shot", "fine_tuned"):
+            assert not (out / f"{model}_shap.json").exists()  # SHAP explains the baselines asked for only
+            continue
 
         shap_file = json.loads((out / f"{model}_shap.json").read_text())
         assert shap_file["output_names"] == labels and len(shap_file["values"]) == 1
@@ -329,7 +342,9 @@ def test_embedded_run_leaves_every_file_with_the_right_content(embedded_run):
     for name in ("metrics_comparison.png", "confusion_matrices.png", "reliability_diagram.png", "deletion_curves.png"):
         assert is_png(out / name)
     comparison = json.loads((out / "comparison.json").read_text())
-    assert comparison["n_examples"] == 8 and "p_value" in comparison["mcnemar"]
+    assert comparison["n_examples"] == 8 and comparison["reference"] == "fine_tuned"
+    for baseline in ("zero_shot", "zero_shot_calibrated", "k_shot"):
+        assert "p_value_holm" in comparison["comparisons"][f"fine_tuned_vs_{baseline}"]["mcnemar"]
     interpretability = json.loads((out / "interpretability_metrics.json").read_text())
     assert interpretability["n_examples"] == 1
     assert {"zero_shot", "fine_tuned", "comparison", "faithfulness", "additivity"} <= set(interpretability)
@@ -422,12 +437,15 @@ def test_zero_shot_half_without_finetune_and_without_badge(tmp_path, tiny_model_
         "run.json",
     } <= present
     assert not [name for name in present if name.startswith("fine_tuned")]
-    assert not present & {"lora_adapter", "checkpoints", "comparison.json", "quantum_identity_badge.svg"}
+    assert not present & {"lora_adapter", "checkpoints", "quantum_identity_badge.svg"}
+    comparison = json.loads((out / "comparison.json").read_text())  # the baselines against raw zero-shot
+    assert comparison["reference"] == "zero_shot" and len(comparison["comparisons"]) == 2
     assert "project_badge.json" not in present
     shap_file = json.loads((out / "zero_shot_shap.json").read_text())
     assert len(shap_file["values"]) == 2 and shap_file["settings"]["adapter"] is None
     interpretability = json.loads((out / "interpretability_metrics.json").read_text())
     assert "fine_tuned" not in interpretability and interpretability["zero_shot"]["n_examples"] == 2
+    assert interpretability["models"] == ["zero_shot"]
     assert interpretability["additivity"]["max_abs_error"] < 1e-4
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["badge"] is None and manifest["data"]["train"] is None and "train" not in manifest["phase_seconds"]

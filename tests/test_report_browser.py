@@ -115,8 +115,9 @@ def test_report_renders_without_console_errors_and_shows_the_numbers(report_run,
     assert "<script" not in dom.split("<body", 1)[1]
     text = visible_text(dom)
     assert "QNTM-42A9" in text
-    for model in ("zero_shot", "fine_tuned"):
+    for model in ("zero_shot", "zero_shot_calibrated", "k_shot", "fine_tuned"):
         metrics = json.loads((report_run / f"{model}_metrics.json").read_text())
+        assert metrics["source"]["display_name"] in text
         for key in ("accuracy", "macro_f1"):
             ci = metrics["confidence_intervals"][key]
             shown = f"{metrics[key]:.4f} [{ci['low']:.4f}, {ci['high']:.4f}]"
@@ -124,9 +125,10 @@ def test_report_renders_without_console_errors_and_shows_the_numbers(report_run,
         for key in ("mcc", "ece", "label_space_mass", "format_compliance"):
             assert format_number(metrics[key]) in text
     comparison = json.loads((report_run / "comparison.json").read_text())
-    difference = comparison["differences"]["accuracy"]
-    assert f"{difference['difference']:.4f} [{difference['ci_low']:.4f}, {difference['ci_high']:.4f}]" in text
-    assert f"p = {format_p(comparison['mcnemar']['p_value'])}" in text
+    for pair in comparison["comparisons"].values():
+        difference = pair["differences"]["accuracy"]
+        assert f"{difference['difference']:.4f} [{difference['ci_low']:.4f}, {difference['ci_high']:.4f}]" in text
+        assert f"p = {format_p(pair['mcnemar']['p_value'])} (Holm-adjusted" in text
     interpretability = json.loads((report_run / "interpretability_metrics.json").read_text())
     for model in ("zero_shot", "fine_tuned"):
         assert f"{interpretability[model]['mean_abs_importance']:.4f}" in text
