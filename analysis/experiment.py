@@ -15,7 +15,9 @@ import datetime as dt
 import gc
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -189,8 +191,29 @@ def run_experiment(
     log: Callable[[str], None] = lambda message: print(message, flush=True),
 ) -> ExperimentResult:
     """Train (with `finetune`), evaluate, explain (with `run_shap`), then badge, manifest and report."""
-    with _program_name_only():
+    with _program_name_only(), _sigterm_raises():
         return _run(options, log)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM (a cluster's time limit, `kill`) ends the run through Python, so `run.json` records the interruption.
+
+    Without this, SIGTERM outside Lightning's fit kills the process where it stands, and `run.json` says `running`
+    forever. Lightning chains this handler after its own during fit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentResult:
@@ -221,8 +244,8 @@ def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentRe
             log("== explaining with SHAP ==")
             run.explain(adapter)
         return run.finish(badge_folder)
-    except BaseException:
-        run.save_manifest("failed")
+    except BaseException as error:
+        run.save_manifest("interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed")
         raise
 
 

@@ -145,6 +145,29 @@ def test_a_failing_phase_is_one_sentence_and_the_manifest_says_failed(tmp_path, 
     assert not (out / "report.html").exists()
 
 
+@pytest.mark.slow
+def test_sigterm_records_the_interruption(tmp_path, tiny_model_dir, synthetic_folder):
+    import signal
+
+    out = tmp_path / "killed"
+    args = ["--model-name", tiny_model_dir, "--dataset-name", synthetic_folder, "--no-load-in-4bit"]
+    args += ["--shap-example-count", "20", "--no-project-badge", "--output-dir", str(out)]
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        for line in process.stdout:  # the phase banners are printed (and flushed) before each phase
+            if "explaining with SHAP" in line:
+                process.send_signal(signal.SIGTERM)
+                break
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "interrupted" and "evaluate" in manifest["phase_seconds"]
+    assert not (out / "report.html").exists()
+
+
 # ---- badge, manifest helpers ------------------------------------------------------------------------------------
 def test_badge_is_a_standalone_svg_card_and_is_copied_with_its_manifest(tmp_path):
     root = ET.parse(BADGE_ASSET).getroot()
