@@ -38,7 +38,6 @@ from analysis.baselines import (
     model_specs,
 )
 from analysis.evaluation import check_output_dir
-from analysis.explanation_plots import plot_deletion_curves, plot_top_tokens
 from analysis.explanation_stats import compare_models, model_statistics
 from analysis.explanations_html import explanations_html
 from analysis.faithfulness import (
@@ -49,6 +48,7 @@ from analysis.faithfulness import (
     summarize_model_faithfulness,
 )
 from analysis.files import to_json_ready, write_json_atomic, write_text_atomic
+from analysis.plots import plot_deletion_curves, plot_top_tokens
 from analysis.shap_explain import (
     BUDGET_NOTE,
     MASKS_PER_ROUND,
@@ -435,7 +435,15 @@ def run_analysis(
     folder.mkdir(parents=True, exist_ok=True)
     if distributed and shard_index != 0:
         _barrier()  # rank 0 validates (or discards) the progress folder first
-    store = ProgressStore(folder / PROGRESS_DIR, settings, notes)
+    # Progress is valid for the same settings. A calibration prior is computed from them (model, prompt), so its
+    # digits, which can differ in the last bits between machines, do not invalidate another shard's work.
+    fingerprint = {
+        **settings,
+        "models": {
+            name: {k: v for k, v in record.items() if k != "calibration"} for name, record in settings["models"].items()
+        },
+    }
+    store = ProgressStore(folder / PROGRESS_DIR, fingerprint, notes)
     if distributed and shard_index == 0:
         _barrier()
     for note in notes[logged:]:
