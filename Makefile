@@ -35,7 +35,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Fit, evaluation and SHAP, ours vs the original recipe, fp32 and bf16, one combined table (docs/benchmarks.md).
+# Smaller, e.g.: make bench BENCH_SIZES="--fit-batches 3 --eval-examples 32 --gate-examples 64 --shap-examples 1"
+BENCH_SIZES ?=
 bench: install
-	$(PY) bench/bench_fit.py
-	$(PY) bench/bench_eval.py --right-padded
-	$(PY) bench/bench_shap.py
+	$(PY) bench/bench_all.py $(BENCH_SIZES)

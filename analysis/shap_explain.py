@@ -128,6 +128,10 @@ class LabelProbabilities:
     `state` is entered around every call (e.g. `module.zero_shot` disables the adapter), and the prefix cache is
     computed inside it once, on first use, so each model state gets its own instruction cache. `transform` maps
     the raw label probabilities to the explained ones (e.g. contextual calibration).
+
+    `share_prefixes`: masked variants of one tweet share leading tokens; each batch runs as one prefix tree (every
+    distinct prefix computed once, no pads), and inside `remembering()` later calls reuse the prefixes of earlier
+    ones (see `lightning_modules.scoring`). The probabilities equal the padded path's up to float rounding.
     """
 
     def __init__(
@@ -138,9 +142,11 @@ class LabelProbabilities:
         state: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         use_prefix_cache: bool = True,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
+        share_prefixes: bool = True,
     ):
         self.model = model
         self.transform = transform
+        self.share_prefixes = share_prefixes
         self.encoder = encoder
         self.batch_size = batch_size
         self.state = state
@@ -149,13 +155,31 @@ class LabelProbabilities:
         self.prefix_cache: PrefixCache | None = None
         self.evaluations = 0
 
+    def _ensure_prefix_cache(self) -> None:
+        if self.use_prefix_cache and self.prefix_cache is None:
+            with self.state():
+                device = next(self.model.parameters()).device
+                self.prefix_cache = PrefixCache(self.model, self.encoder.prefix_ids, device)
+
+    @contextlib.contextmanager
+    def remembering(self) -> Iterator[None]:
+        """Reuse computed tweet prefixes across calls inside the block (one tweet's explanation); forgotten after.
+
+        Scoped to one tweet so that every tweet's values are computed the same way whichever tweets came before
+        (resumed and sharded runs stay byte-identical to a straight run).
+        """
+        if not (self.use_prefix_cache and self.share_prefixes):
+            yield
+            return
+        self._ensure_prefix_cache()
+        with self.prefix_cache.remembering():
+            yield
+
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         continuations = [self.encoder.continuation(str(text)) for text in texts]
+        self._ensure_prefix_cache()
         with self.state():
-            if self.use_prefix_cache and self.prefix_cache is None:
-                device = next(self.model.parameters()).device
-                self.prefix_cache = PrefixCache(self.model, self.encoder.prefix_ids, device)
             scores = score_prompts(
                 self.model,
                 self.encoder.prefix_ids,
@@ -165,6 +189,7 @@ class LabelProbabilities:
                 use_prefix_cache=self.use_prefix_cache,
                 pad_token_id=self.pad_token_id,
                 prefix_cache=self.prefix_cache,
+                share_prefixes=self.share_prefixes,
             )
         self.evaluations += len(continuations)
         probabilities = scores.probabilities
@@ -251,6 +276,14 @@ def explain_tweet(
         texts = [str(t) for t in texts]
         return np.concatenate([value_functions[name](texts) for name in names], axis=1)
 
+    with contextlib.ExitStack() as stack:
+        for function in value_functions.values():
+            if hasattr(function, "remembering"):
+                stack.enter_context(function.remembering())
+        return _explain_tweet(text, joint, names, masker, max_evals, seed)
+
+
+def _explain_tweet(text: str, joint: Callable, names: list[str], masker: TweetMasker, max_evals: int, seed: int):
     segments = [str(segment) for segment in masker.data_transform(text)[0]]
     feature_names = [str(name) for name in masker.feature_names(text)[0]]
     if not segments:

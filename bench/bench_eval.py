@@ -1,26 +1,35 @@
 """Evaluation speed: our predict loop vs the original generate-one-token recipe, on the same model and prompts.
 
-`python bench/bench_eval.py [--config configs/embedded.yaml] [--examples 64] [--batch-size 16] [--repeats 2]`
+`python bench/bench_eval.py [--config configs/embedded.yaml] [--examples 64] [--batch-size 16] [--repeats 2]
+[--right-padded] [--shots 4] [--dtype float32|bfloat16] [--no-reference] [--gate-examples N] [--json PATH]`
 
 ours:       `trainer.predict` -> `predict_step`: the instruction prefix run once and reused as a KV cache,
             length-sorted batches, the lm_head applied at the label position only.
 reference:  the original recipe, `model.generate(max_new_tokens=1, output_scores=True)` per batch on the full
             prompt ids in data order, but LEFT-padded with an attention mask so it reads the right position
             (the original right-padded, so for the shorter prompts of a batch it read the logits after a pad).
-With `--right-padded` the original's right-padded variant is also run, to show how many predictions it changes.
+            This is the fair speed baseline.
+original:   with `--right-padded`, the original's right-padded variant, to show how many predictions it changes.
+k-shot:     with `--shots K`, prompts with K demonstrations in the fixed prefix (`--data.num_demonstrations K`),
+            scored by `score_prompts` with the prefix cache and by the same call with `use_prefix_cache=False`.
 
-Columns: wall seconds (fastest pass), examples/s, speed-up over the left-padded reference, the same for process
-CPU seconds (steadier when other jobs share the machine), tokens run (decoder positions incl. padding: the work a
-CPU pays for), share of predictions equal to ours, and the largest difference in a label probability from ours.
+Columns: wall seconds (fastest pass), examples/s, speed-up over the left-padded reference (k-shot: over the uncached
+scoring), the same for process CPU seconds (steadier when other jobs share the machine), tokens run (decoder
+positions incl. padding: the work a CPU pays for), achieved GFLOP/s (bench/accounting.py), peak resident GiB while
+the path ran, share of predictions equal to ours (k-shot: to the cached scoring), and the largest difference in a
+label probability.
 
-Both read the zero-shot model (adapter disabled) in the same process; tokenisation is excluded from both timings.
-The paths run alternately `--repeats` times and each reports its fastest pass (robust to a busy machine).
-The prediction is the argmax over the label tokens' scores; the table reports the share that agree with ours.
+All paths read the zero-shot model (adapter disabled) in the same process; tokenisation is excluded from the
+timings. The paths run alternately `--repeats` times and each reports its fastest pass (robust to a busy machine).
+`--gate-examples N` also scores N eval examples once with our loop and returns their probabilities (the bf16 gate
+of bench/bench_all.py compares them across dtypes).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +40,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.evaluation import make_predict_trainer, score_eval_split  # noqa: E402
+from bench.accounting import PeakMemory, WorkCounter  # noqa: E402
+from datamodules import TweetSentimentDataModule  # noqa: E402
+from lightning_modules.scoring import score_prompts  # noqa: E402
 from scripts.cli import build_from_config  # noqa: E402
+
+TARGET = 4.0  # issue 7: evaluation >= 4x the reference's examples/s
 
 
 @torch.no_grad()
@@ -60,103 +74,237 @@ def generate_label_scores(model, prompts: list[list[int]], label_ids: list[int],
     return torch.cat(scores).numpy()
 
 
-def tokens_run(widths_and_sizes) -> int:
-    """Token positions a padded batch loop pushes through the decoder: sum of batch size x padded width."""
-    return sum(size * width for width, size in widths_and_sizes)
+class TimedPath:
+    """One measured path: fastest wall and CPU seconds over its passes, the work of a pass, its peak memory."""
+
+    def __init__(self, name: str, label: str, fn, counter: WorkCounter):
+        self.name, self.label, self.fn, self.counter = name, label, fn, counter
+        self.seconds = self.cpu_seconds = float("inf")
+        self.peak_rss_gib = 0.0
+        self.result = None
+        self.work = None
+
+    def run(self) -> None:
+        before = self.counter.snapshot()
+        with PeakMemory() as memory:
+            wall, cpu = time.perf_counter(), time.process_time()
+            self.result = self.fn()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        self.seconds, self.cpu_seconds = min(self.seconds, wall), min(self.cpu_seconds, cpu)
+        self.peak_rss_gib = max(self.peak_rss_gib, memory.gib)
+        self.work = self.counter.snapshot() - before
+
+    def row(self, examples: int, probabilities: np.ndarray, against: np.ndarray) -> dict:
+        return {
+            "path": self.name,
+            "label": self.label,
+            "examples": examples,
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "rate": examples / self.seconds,
+            "positions": self.work.positions,
+            "flops": self.counter.forward_flops(self.work),
+            "peak_rss_gib": self.peak_rss_gib,
+            "same_predictions": float(np.mean(probabilities.argmax(1) == against.argmax(1))),
+            "max_abs_dp": float(np.abs(probabilities - against).max()),
+        }
 
 
-def timed(fn):
-    """The result, wall seconds and process CPU seconds (the latter barely moves when other jobs share the CPU)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    value = fn()
-    return value, time.perf_counter() - wall, time.process_time() - cpu
+def softmax(scores: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(scores).double(), dim=-1).numpy()
+
+
+def with_settings(datamodule, **changes) -> TweetSentimentDataModule:
+    """The same data, prompt and tokenizer with other settings (eval subset size, demonstrations)."""
+    accepted = inspect.signature(TweetSentimentDataModule).parameters
+    settings = {name: value for name, value in datamodule.hparams.items() if name in accepted}
+    return TweetSentimentDataModule(**{**settings, **changes})
+
+
+def measure(
+    config: str = "configs/embedded.yaml",
+    examples: int = 64,
+    batch_size: int = 16,
+    repeats: int = 2,
+    dtype: str = "float32",
+    reference: bool = True,
+    right_padded: bool = False,
+    shots: int = 0,
+    gate_examples: int = 0,
+) -> dict:
+    """Rows for ours, the reference and (optionally) the right-padded original and k-shot cached / uncached."""
+    overrides = ["--data.eval_subset", str(examples), "--data.eval_batch_size", str(batch_size)]
+    datamodule, module = build_from_config(config, overrides + ["--model.dtype", dtype])
+    module.eval()
+    datamodule.setup("predict")  # encode prompts before timing: tokenisation is excluded from every path
+    encoder = datamodule.encoder
+    prompts = [encoder.encode(example.text).input_ids for example in datamodule.eval_examples]
+    label_ids = encoder.label_token_ids
+    pad = datamodule.tokenizer.pad_token_id
+    trainer = make_predict_trainer(progress_bar=False)
+    counter = WorkCounter(module.backbone, lora_active=False)  # every path reads the adapter-disabled model
+
+    def generated(left: bool):
+        with module.zero_shot():
+            return softmax(generate_label_scores(module.backbone, prompts, label_ids, batch_size, pad, left))
+
+    ours = TimedPath(
+        "ours",
+        "ours: predict, prefix cache, sorted, last-position lm_head",
+        lambda: score_eval_split(trainer, module, datamodule, use_adapter=False).probabilities,
+        counter,
+    )
+    left = TimedPath(
+        "reference", "reference: generate(max_new_tokens=1), left padding", lambda: generated(True), counter
+    )
+    right = TimedPath(
+        "original", "original: generate(max_new_tokens=1), right padding", lambda: generated(False), counter
+    )
+    timed = [ours, left] if reference else [ours]
+    # Warm both code paths up (allocator, threads, lazy init); the repeats also absorb Lightning's first-call setup
+    # and the kernels created on the first use of each shape (bf16 on AMX: noticeably slow).
+    generate_label_scores(module.backbone, prompts[:2], label_ids, 2, pad, left=True)
+    with module.zero_shot():
+        score_prompts(
+            module.backbone, encoder.prefix_ids, [p[len(encoder.prefix_ids) :] for p in prompts[:2]], label_ids
+        )
+    with counter:
+        for _ in range(repeats):  # alternate, so a burst of load elsewhere does not hit one path only
+            for path in timed:
+                path.run()
+        if reference and right_padded:
+            right.run()
+    n = len(prompts)
+    rows = [path.row(n, path.result, ours.result) for path in timed]
+    if reference and right_padded:
+        rows.append(right.row(n, right.result, ours.result))
+    result = {
+        "phase": "evaluation",
+        "model": module.hparams.model_name,
+        "dtype": str(next(module.parameters()).dtype).removeprefix("torch."),
+        "examples": n,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "target": TARGET,
+        "rows": rows,
+    }
+    if shots:
+        result["shots"] = k_shot_rows(module, datamodule, shots, batch_size, repeats)
+    if gate_examples:
+        gate_data = with_settings(datamodule, eval_subset=gate_examples)
+        gate_data.setup("predict")
+        start = time.perf_counter()
+        probabilities = score_eval_split(trainer, module, gate_data, use_adapter=False).probabilities
+        result["gate"] = {
+            "examples": len(probabilities),
+            "seconds": time.perf_counter() - start,
+            "probabilities": probabilities.tolist(),
+        }
+    return result
+
+
+def k_shot_rows(module, datamodule, shots: int, batch_size: int, repeats: int) -> dict:
+    """k-shot prompts scored with and without the prefix cache: same call, same batches, only the cache differs."""
+    k_data = with_settings(datamodule, num_demonstrations=shots)
+    encoder = k_data.encoder
+    continuations = [encoder.continuation(example.text) for example in k_data.eval_examples]
+    pad = k_data.tokenizer.pad_token_id
+    counter = WorkCounter(module.backbone, lora_active=False)
+
+    def scored(use_prefix_cache: bool, prompts=continuations):
+        with module.zero_shot():
+            return score_prompts(
+                module.backbone,
+                encoder.prefix_ids,
+                prompts,
+                encoder.label_token_ids,
+                batch_size=batch_size,
+                use_prefix_cache=use_prefix_cache,
+                pad_token_id=pad,
+            ).probabilities
+
+    cached = TimedPath(f"k{shots}_cache", f"k={shots}: score_prompts, prefix cache", lambda: scored(True), counter)
+    uncached = TimedPath(
+        f"k{shots}_no_cache", f"k={shots}: same, use_prefix_cache=False", lambda: scored(False), counter
+    )
+    for use_prefix_cache in (True, False):  # warm-up, untimed
+        scored(use_prefix_cache, continuations[:2])
+    with counter:
+        for _ in range(repeats):
+            cached.run()
+            uncached.run()
+    n = len(continuations)
+    return {
+        "k": shots,
+        "prefix_tokens": len(encoder.prefix_ids),
+        "mean_continuation_tokens": float(np.mean([len(c) for c in continuations])),
+        "rows": [cached.row(n, cached.result, cached.result), uncached.row(n, uncached.result, cached.result)],
+    }
+
+
+def print_rows(rows: list[dict], baseline: dict) -> None:
+    header = ("path", "wall s", "ex/s", "speed-up", "CPU s", "CPU ratio", "tokens", "GFLOP/s", "peak GiB", "same")
+    print("{:<58} {:>7} {:>7} {:>8} {:>7} {:>9} {:>7} {:>7} {:>8} {:>6}".format(*header), "max |dp|")
+    for row in rows:
+        print(
+            f"{row['label']:<58} {row['seconds']:>7.2f} {row['rate']:>7.2f} "
+            f"{baseline['seconds'] / row['seconds']:>7.2f}x {row['cpu_seconds']:>7.2f} "
+            f"{baseline['cpu_seconds'] / row['cpu_seconds']:>8.2f}x {row['positions']:>7d} "
+            f"{row['flops'] / row['seconds'] / 1e9:>7.1f} {row['peak_rss_gib']:>8.2f} {row['same_predictions']:>6.1%} "
+            f"{row['max_abs_dp']:.1e}"
+        )
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"\nmodel {result['model']} ({result['dtype']}, cpu), {result['examples']} eval examples, batch size "
+        f"{result['batch_size']}, {result['threads']} CPU threads, fastest of {result['repeats']} passes"
+    )
+    rows = result["rows"]
+    print_rows(rows, rows[1] if len(rows) > 1 else rows[0])
+    if "shots" in result:
+        shots = result["shots"]
+        print(
+            f"k-shot: {shots['k']} demonstrations, prefix {shots['prefix_tokens']} tokens, continuation "
+            f"{shots['mean_continuation_tokens']:.0f} tokens on average"
+        )
+        print_rows(shots["rows"], shots["rows"][1])
+    if "gate" in result:
+        gate = result["gate"]
+        print(f"gate set: {gate['examples']} eval examples scored by ours in {gate['seconds']:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/embedded.yaml")
-    parser.add_argument("--examples", type=int, default=64, help="eval examples to score (default 64)")
-    parser.add_argument("--batch-size", type=int, default=16, help="batch size for both paths (default 16)")
+    parser.add_argument("--examples", type=int, default=64, help="eval examples to time (default 64)")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size for every path (default 16)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per path, fastest kept (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     parser.add_argument("--right-padded", action="store_true", help="also run the original right-padded recipe")
+    parser.add_argument("--no-reference", action="store_true", help="time ours only (no generate baselines)")
+    parser.add_argument("--shots", type=int, default=0, help="also time K-shot prompts with / without the cache")
+    parser.add_argument("--gate-examples", type=int, default=0, help="also score N examples once for the bf16 gate")
+    parser.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    overrides = ["--data.eval_subset", str(args.examples), "--data.eval_batch_size", str(args.batch_size)]
-    datamodule, module = build_from_config(args.config, overrides)
-    module.eval()
-    datamodule.setup("predict")  # encode prompts before timing: tokenisation is excluded from both paths
-    encoder = datamodule.encoder
-    examples = datamodule.eval_examples
-    prompts = [encoder.encode(example.text).input_ids for example in examples]
-    label_ids = encoder.label_token_ids
-    pad = datamodule.tokenizer.pad_token_id
-    trainer = make_predict_trainer(progress_bar=False)
-
-    def reference(left: bool):
-        with module.zero_shot():
-            return generate_label_scores(module.backbone, prompts, label_ids, args.batch_size, pad, left)
-
-    # Warm the model up (allocator, threads, lazy init); the repeats absorb Lightning's first-call setup.
-    generate_label_scores(module.backbone, prompts[:2], label_ids, 2, pad, left=True)
-    ours_s = ref_s = ours_cpu = ref_cpu = float("inf")
-    for _ in range(args.repeats):  # alternate, so a burst of load elsewhere does not hit one path only
-        ours, seconds, cpu = timed(lambda: score_eval_split(trainer, module, datamodule, use_adapter=False))
-        ours_s, ours_cpu = min(ours_s, seconds), min(ours_cpu, cpu)
-        ref_scores, seconds, cpu = timed(lambda: reference(left=True))
-        ref_s, ref_cpu = min(ref_s, seconds), min(ref_cpu, cpu)
-    # Work each path does, in decoder token positions (pads included): on a CPU the time follows this closely.
-    prefix_length = len(encoder.prefix_ids)
-    ours_tokens = prefix_length + tokens_run(
-        (int(batch["label_position"].max()) - prefix_length, len(batch["label_position"]))
-        for batch in datamodule.predict_dataloader()
+    result = measure(
+        args.config,
+        args.examples,
+        args.batch_size,
+        args.repeats,
+        args.dtype,
+        reference=not args.no_reference,
+        right_padded=args.right_padded,
+        shots=args.shots,
+        gate_examples=args.gate_examples,
     )
-    ref_tokens = tokens_run(
-        (max(len(p) for p in prompts[i : i + args.batch_size]), len(prompts[i : i + args.batch_size]))
-        for i in range(0, len(prompts), args.batch_size)
-    )
-    ours_pred = ours.predictions
-    ref_probs = torch.softmax(torch.from_numpy(ref_scores).double(), dim=-1).numpy()
-    rows = [
-        ("ours: predict, prefix cache, sorted, last-position lm_head", ours_s, ours_cpu, ours_tokens, 1.0, 0.0),
-        (
-            "reference: generate(max_new_tokens=1), left padding",
-            ref_s,
-            ref_cpu,
-            ref_tokens,
-            float(np.mean(ref_scores.argmax(1) == ours_pred)),
-            float(np.abs(ref_probs - ours.probabilities).max()),
-        ),
-    ]
-    if args.right_padded:
-        right_scores, right_s, right_cpu = timed(lambda: reference(left=False))
-        right_probs = torch.softmax(torch.from_numpy(right_scores).double(), dim=-1).numpy()
-        rows.append(
-            (
-                "original: generate(max_new_tokens=1), right padding",
-                right_s,
-                right_cpu,
-                ref_tokens,
-                float(np.mean(right_scores.argmax(1) == ours_pred)),
-                float(np.abs(right_probs - ours.probabilities).max()),
-            )
-        )
-
-    n = len(examples)
-    print(
-        f"\nmodel {module.hparams.model_name} ({next(module.parameters()).dtype}, {module.device}), "
-        f"{n} eval examples, batch size {args.batch_size}, {torch.get_num_threads()} CPU threads, "
-        f"fastest of {args.repeats} passes"
-    )
-    header = ("path", "wall s", "examples/s", "speed-up", "CPU s", "CPU ratio", "tokens run", "same pred", "max |dp|")
-    print("{:<58} {:>7} {:>10} {:>8} {:>7} {:>9} {:>10} {:>9} {:>8}".format(*header))
-    for name, seconds, cpu, tokens, agree, max_diff in rows:
-        print(
-            f"{name:<58} {seconds:>7.2f} {n / seconds:>10.2f} {ref_s / seconds:>7.2f}x {cpu:>7.2f} "
-            f"{ref_cpu / cpu:>8.2f}x {tokens:>10d} {agree:>9.1%} {max_diff:>8.1e}"
-        )
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result))
     return 0
 
 

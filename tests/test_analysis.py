@@ -154,7 +154,8 @@ def test_value_function_cached_equals_uncached(encoder, base_model):
     rng = np.random.default_rng(0)
     texts = [mask_tweet(masker, t, rng.random(len(encoder.tweet_ids(t))) < 0.6) for t in TWEETS for _ in range(4)]
     cached = LabelProbabilities(base_model, encoder, batch_size=5)(texts + TWEETS + [""])
-    uncached = LabelProbabilities(base_model, encoder, batch_size=3, use_prefix_cache=False)(texts + TWEETS + [""])
+    plain = LabelProbabilities(base_model, encoder, batch_size=3, use_prefix_cache=False, share_prefixes=False)
+    uncached = plain(texts + TWEETS + [""])
     assert cached.shape == (len(texts) + len(TWEETS) + 1, len(LABELS))
     assert np.abs(cached - uncached).max() <= 1e-5
     assert np.allclose(cached.sum(axis=1), 1.0)

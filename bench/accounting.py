@@ -1,0 +1,177 @@
+"""What a measured path cost: FLOPs from the token positions the model actually ran, the machine's matmul peak, and
+the peak resident memory while the path ran.
+
+FLOPs are counted by hooks on the decoder and the lm_head, so every path (ours, the original recipe, `generate`, a
+SHAP value function) is counted the same way, from the shapes it really ran, pads included (a CPU computes them):
+
+    forward = 2 x body parameters x decoder positions         every weight matrix of the decoder layers, no
+                                                                embedding; LoRA's A and B only while it is active
+            + 2 x vocab x hidden x lm_head positions            only where the lm_head is applied
+            + 4 x layers x attention width x keys attended      QK^T and attention x V; a position attends to the
+                                                                cached prefix and the causal triangle up to itself
+                                                                (or, under a custom 4D mask, what the mask allows)
+
+    fit     = 2 x linear forward + 3 x attention forward + 1 x LoRA forward
+A frozen weight's backward computes the activation gradient only (dX = dY W^T: as many FLOPs as its forward), never
+the weight gradient; the attention products have no weights, so both of their inputs get gradients (2x their
+forward); LoRA's own weights also get weight gradients (+1x, under 1 % of the total here). The usual "3 x forward"
+assumes every weight is trained and would overstate a frozen-base LoRA step by about 1.5x.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import resource
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Work:
+    """Token positions one path ran through the model."""
+
+    positions: int = 0  # decoder positions (batch x padded width, summed over forwards)
+    keys: int = 0  # keys attended, summed over positions (cached prefix + causal triangle)
+    head_positions: int = 0  # positions the lm_head was applied at
+
+    def __sub__(self, other: Work) -> Work:
+        return Work(
+            self.positions - other.positions, self.keys - other.keys, self.head_positions - other.head_positions
+        )
+
+
+class WorkCounter:
+    """Counts the `Work` a causal LM (or its peft wrapper) does while the counter is entered."""
+
+    def __init__(self, model, lora_active: bool = False):
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder = causal_lm.get_decoder()
+        self.head = causal_lm.get_output_embeddings()
+        config = causal_lm.config
+        params = dict(self.decoder.named_parameters())
+        self.lora_params = sum(p.numel() for name, p in params.items() if "lora_" in name) if lora_active else 0
+        self.body_params = sum(
+            p.numel() for name, p in params.items() if "embed_tokens" not in name and "lora_" not in name
+        )
+        self.head_params = self.head.weight.numel()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.attention_width = config.num_attention_heads * head_dim
+        self.layers = config.num_hidden_layers
+        self.work = Work()
+        self._handles: list = []
+
+    def __enter__(self) -> WorkCounter:
+        self._handles = [
+            self.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
+            self.head.register_forward_hook(self._on_head),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _on_decoder(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"][..., 0]
+        rows, width = ids.shape[:2]
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        self.work.positions += rows * width
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:  # a custom mask (prefix tree): count what it allows
+            allowed = mask if mask.dtype == torch.bool else mask == 0
+            self.work.keys += int(allowed.sum()) * (rows // allowed.shape[0])
+        else:  # causal: the cached prefix, then every earlier position of the row (pads are computed too)
+            self.work.keys += rows * (width * past + width * (width + 1) // 2)
+
+    def _on_head(self, module, inputs, output) -> None:
+        self.work.head_positions += inputs[0].shape[:-1].numel()
+
+    def snapshot(self) -> Work:
+        return replace(self.work)
+
+    def linear_flops(self, work: Work) -> float:
+        body = 2.0 * (self.body_params + self.lora_params) * work.positions
+        return body + 2.0 * self.head_params * work.head_positions
+
+    def attention_flops(self, work: Work) -> float:
+        return 4.0 * self.layers * self.attention_width * work.keys
+
+    def forward_flops(self, work: Work) -> float:
+        return self.linear_flops(work) + self.attention_flops(work)
+
+    def fit_flops(self, work: Work) -> float:
+        """Forward + backward of a frozen base with LoRA (see the module docstring)."""
+        return 2 * self.linear_flops(work) + 3 * self.attention_flops(work) + 2.0 * self.lora_params * work.positions
+
+
+# ---- the machine ------------------------------------------------------------------------------------------------
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, trials: int = 5, seconds: float = 0.4) -> float:
+    """Best achieved GFLOP/s of a size x size torch.matmul loop over `trials` timed loops of about `seconds` each."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    flops = 2.0 * size**3
+    start = time.perf_counter()
+    torch.matmul(a, b, out=out)  # warm-up, and a first guess at the time per product
+    torch.matmul(a, b, out=out)
+    repeats = max(1, int(seconds / max((time.perf_counter() - start) / 2, 1e-6)))
+    best = 0.0
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.matmul(a, b, out=out)
+        best = max(best, repeats * flops / (time.perf_counter() - start))
+    return best / 1e9
+
+
+# ---- memory -----------------------------------------------------------------------------------------------------
+_STATUS = Path("/proc/self/status")
+
+
+def _release_free_heap() -> None:
+    """Hand memory freed by an earlier path back to the OS, so it does not count as this path's resident set."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class PeakMemory:
+    """Peak resident set size (GiB) of this process while the `with` block ran.
+
+    Linux resets the high-water mark on `echo 5 > /proc/self/clear_refs`; where that is not possible the figure is the
+    process's peak so far (`resettable` is False) and an earlier, larger path can mask a later one.
+    """
+
+    def __init__(self) -> None:
+        self.gib = float("nan")
+        self.resettable = False
+
+    def __enter__(self) -> PeakMemory:
+        _release_free_heap()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.resettable = True
+        except OSError:
+            self.resettable = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gib = peak_rss_gib()
+
+
+def peak_rss_gib() -> float:
+    """The process's resident high-water mark in GiB (since the last reset, where there was one)."""
+    try:
+        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
+    except OSError:
+        match = None
+    kib = int(match.group(1)) if match else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20

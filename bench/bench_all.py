@@ -1,0 +1,354 @@
+"""`make bench`: the fit, evaluation and SHAP benchmarks on the embedded default, one combined table.
+
+Each phase (and each dtype) runs in its own process (bench/bench_fit.py, bench_eval.py, bench_shap.py with `--json`),
+so no phase's memory or warm caches leak into another's. The machine's matmul peak (fp32 and bf16, 2048 x 2048
+torch.matmul, best of 5 loops) is measured in this run, before and after the phases; the better figure counts.
+
+Per row: rate (examples/s; SHAP: seconds per explained tweet), speed-up over the phase's baseline, the issue-7 target
+and whether it holds (fit >= 10x, evaluation >= 4x the left-padded generate reference, SHAP >= 5x), achieved GFLOP/s
+from the positions actually run (bench/accounting.py) and its share of the matmul peak of the row's dtype (target
+>= 50 % for our evaluation and SHAP rows), the peak resident memory while the path ran, and a correctness check.
+
+bf16 gates (bf16 is recommended only where both pass): our bf16 predictions agree with fp32 on >= 99 % of
+`--gate-examples` eval examples, and our bf16 SHAP values correlate with fp32's at Pearson r >= 0.99 over the
+target-class values (the fp32 prediction) of every explained tweet.
+Usage: python bench/bench_all.py [--phases fit,evaluation,shap] [--fit-batches 8] [--eval-examples 128]
+       [--gate-examples 500] [--shots 4] [--shap-examples 4] [--max-evals 200] [--no-bf16] [--threads N] [--json P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.accounting import matmul_peak_gflops  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PHASES = ("fit", "evaluation", "shap")
+PEAK_TARGET = 0.5  # evaluation and SHAP: >= 50 % of the matmul peak of their dtype
+AGREEMENT_GATE = 0.99  # bf16 predictions equal to fp32's
+CORRELATION_GATE = 0.99  # Pearson r of bf16 vs fp32 target-class SHAP values
+
+
+def run_phase(script: str, args: list[str], threads: int | None) -> dict:
+    """Run one benchmark script in its own process; its measurements plus the process's peak resident memory.
+
+    The script's own table streams through; its log and warnings go to a file shown only if it fails.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        out, log = Path(folder) / "result.json", Path(folder) / "stderr.log"
+        args = [*args, *(["--threads", str(threads)] if threads else [])]
+        print(f"\n$ python bench/{script} {' '.join(args)}", flush=True)
+        start = time.perf_counter()
+        with log.open("w") as stderr:
+            process = subprocess.Popen([sys.executable, str(HERE / script), *args, "--json", str(out)], stderr=stderr)
+            _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage, not a maximum over all children
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            sys.stderr.write(log.read_text()[-5000:])
+            raise SystemExit(f"error: bench/{script} {' '.join(args)} failed with exit code {process.returncode}.")
+        result = json.loads(out.read_text())
+    result["process_peak_rss_gib"] = usage.ru_maxrss / 2**20  # kB on Linux
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def matmul_peaks() -> dict[str, float]:
+    return {"float32": matmul_peak_gflops(torch.float32), "bfloat16": matmul_peak_gflops(torch.bfloat16)}
+
+
+def prediction_agreement(fp32: dict, bf16: dict) -> dict:
+    a, b = np.asarray(fp32["gate"]["probabilities"]), np.asarray(bf16["gate"]["probabilities"])
+    agree = float(np.mean(a.argmax(1) == b.argmax(1)))
+    return {
+        "examples": len(a),
+        "agreement": agree,
+        "max_abs_dp": float(np.abs(a - b).max()),
+        "passes": agree >= AGREEMENT_GATE,
+    }
+
+
+def shap_correlation(fp32: dict, bf16: dict) -> dict:
+    """Pearson r over the target-class SHAP values (the fp32 model's predicted class) of every explained tweet."""
+    x, y = [], []
+    for a, b in zip(fp32["tweets"], bf16["tweets"]):
+        target = int(np.argmax(a["probabilities"]))
+        x.extend(np.asarray(a["values"])[:, target])
+        y.extend(np.asarray(b["values"])[:, target])
+    r = float(np.corrcoef(x, y)[0, 1])
+    return {"tweets": len(fp32["tweets"]), "values": len(x), "pearson_r": r, "passes": r >= CORRELATION_GATE}
+
+
+# ---- the combined table -----------------------------------------------------------------------------------------
+def table_rows(results: dict, peaks: dict) -> list[dict]:
+    """One row per measured path, with its baseline's rate for the speed-up and the targets where they apply."""
+    rows = []
+
+    def add(phase, label, row, baseline=None, target=None, peak_target=False, check="", base=False):
+        seconds = row["seconds"]
+        gflops = row["flops"] / seconds / 1e9
+        per_second = phase != "shap"
+        entry = {
+            "phase": phase,
+            "path": label,
+            "dtype": row.get("dtype", "float32"),
+            "n": row["examples"],
+            "rate": row["rate"],
+            "unit": "ex/s" if per_second else "s/ex",
+            "speed_up": None,
+            "base": base,
+            "target": target,
+            "gflops": gflops,
+            "peak_share": gflops / peaks[row.get("dtype", "float32")],
+            "peak_target": peak_target,
+            "peak_rss_gib": row["peak_rss_gib"],
+            "check": check,
+        }
+        if baseline is not None:
+            ratio = row["rate"] / baseline["rate"]
+            entry["speed_up"] = ratio if per_second else 1 / ratio
+        rows.append(entry)
+
+    if "fit" in results:
+        fit = results["fit"]
+        ours, original = ({r["path"]: r for r in fit["rows"]}[k] for k in ("ours", "original"))
+        add("fit", "ours", ours, original, fit["target"], check=f"same first loss: {fit['same_first_loss']}")
+        add("fit", "original: pad to 512, logits everywhere", original, base=True)
+    if "evaluation" in results:
+        evaluation = results["evaluation"]
+        paths = {r["path"]: {**r, "dtype": evaluation["dtype"]} for r in evaluation["rows"]}
+        reference = paths["reference"]
+        add("evaluation", "ours", paths["ours"], reference, evaluation["target"], True, "")
+        if "evaluation_bf16" in results:
+            bf16 = results["evaluation_bf16"]
+            row = {**bf16["rows"][0], "dtype": bf16["dtype"]}
+            gate = results.get("gates", {}).get("evaluation")
+            check = ""
+            if gate:
+                verdict = "PASS" if gate["passes"] else "FAIL"
+                check = f"gate: {gate['agreement']:.1%} of {gate['examples']} agree ({verdict})"
+            add("evaluation", "ours", row, reference, evaluation["target"], True, check)
+        add("evaluation", "reference: generate, left padding", reference, check=_same(reference), base=True)
+        if "original" in paths:
+            add(
+                "evaluation",
+                "original: generate, right padding",
+                paths["original"],
+                reference,
+                check=_same(paths["original"]),
+            )
+        if "shots" in evaluation:
+            shots = evaluation["shots"]
+            cached, uncached = ({**r, "dtype": evaluation["dtype"]} for r in shots["rows"])
+            k = shots["k"]
+            add("evaluation", f"k={k}: prefix cache", cached, uncached, check="")
+            add("evaluation", f"k={k}: no prefix cache", uncached, check=_same(uncached), base=True)
+    if "shap" in results:
+        shap_fp32 = results["shap"]
+        paths = {r["path"]: r for r in shap_fp32["rows"]}
+        original = paths.get("original")
+        check = ""
+        if "max_shap_error_vs_uncached" in shap_fp32:
+            check = f"max ΔSHAP vs uncached {shap_fp32['max_shap_error_vs_uncached']:.0e}"
+        add("shap", "ours", paths["ours"], original, shap_fp32["target"], True, check)
+        if "shap_bf16" in results:
+            gate = results["gates"]["shap"]
+            check = f"gate: r = {gate['pearson_r']:.4f} ({'PASS' if gate['passes'] else 'FAIL'})"
+            add("shap", "ours", results["shap_bf16"]["rows"][0], original, shap_fp32["target"], True, check)
+        if original:
+            add("shap", "original: shap.Explainer, full prompt", original, base=True)
+    return rows
+
+
+def _same(row: dict) -> str:
+    return f"same pred {row['same_predictions']:.1%}, max Δp {row['max_abs_dp']:.0e}"
+
+
+def _yes_no(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    header = [
+        "phase",
+        "path",
+        "dtype",
+        "n",
+        "rate",
+        "speed-up",
+        "target",
+        "met",
+        "GFLOP/s",
+        "% of peak",
+        ">= 50 %",
+        "peak GiB",
+        "check",
+    ]
+    cells = []
+    for row in rows:
+        has_target = row["target"] is not None and row["speed_up"] is not None
+        cells.append(
+            [
+                row["phase"],
+                row["path"],
+                {"float32": "fp32", "bfloat16": "bf16"}.get(row["dtype"], row["dtype"]),
+                str(row["n"]),
+                f"{row['rate']:.2f} {row['unit']}",
+                "1.00x (base)" if row["base"] else f"{row['speed_up']:.2f}x" if row["speed_up"] is not None else "",
+                f">= {row['target']:.0f}x" if has_target else "",
+                _yes_no(row["speed_up"] >= row["target"]) if has_target else "",
+                f"{row['gflops']:.1f}",
+                f"{row['peak_share']:.0%}",
+                _yes_no(row["peak_share"] >= PEAK_TARGET) if row["peak_target"] else "",
+                f"{row['peak_rss_gib']:.2f}",
+                row["check"],
+            ]
+        )
+    widths = [max(len(header[i]), *(len(c[i]) for c in cells)) for i in range(len(header))]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(cell, widths)) + " |" for cell in cells]
+    return lines
+
+
+def print_summary(results: dict, peaks: dict, settings: dict, seconds: float) -> None:
+    print("\n# make bench: fit, evaluation and SHAP, ours vs the original recipe, one run")
+    print(
+        f"{settings['model']} on {settings['data']}; torch {torch.__version__}, {settings['threads']} threads; "
+        f"matmul peak (2048x2048, best of 5, this run): fp32 {peaks['float32']:.0f} GFLOP/s, "
+        f"bf16 {peaks['bfloat16']:.0f} GFLOP/s"
+    )
+    print(f"sizes: {settings['sizes']}")
+    before, after = settings["load_average"]
+    print(f"1-minute load average before / after: {before:.2f} / {after:.2f}", end="")
+    # Our own phases add about the thread count to the load: more than that means other jobs shared the cores.
+    busy = before > 0.5 or after > settings["threads"] + 0.5
+    print(" (other jobs shared the CPU: timings are off, and competing threads distort the ratios)" if busy else "")
+    print()
+    print("\n".join(format_table(table_rows(results, peaks))))
+    print()
+    gates = results.get("gates", {})
+    if "evaluation" in gates:
+        g = gates["evaluation"]
+        print(
+            f"bf16 gate, evaluation: predictions agree with fp32 on {g['agreement']:.2%} of {g['examples']} eval "
+            f"examples (>= {AGREEMENT_GATE:.0%}), max |dp| {g['max_abs_dp']:.2e}: {'PASS' if g['passes'] else 'FAIL'}"
+        )
+    if "shap" in gates:
+        g = gates["shap"]
+        print(
+            f"bf16 gate, SHAP: Pearson r {g['pearson_r']:.4f} over {g['values']} target-class values of {g['tweets']} "
+            f"tweet(s) (>= {CORRELATION_GATE}): {'PASS' if g['passes'] else 'FAIL'}"
+        )
+    if gates:
+        both = len(gates) == 2 and all(g["passes"] for g in gates.values())
+        print(f"bf16 recommended: {'yes, both gates pass' if both else 'no (a gate failed or did not run)'}")
+    if "evaluation" in results and "shots" in results["evaluation"]:
+        shots = results["evaluation"]["shots"]
+        cached, uncached = shots["rows"]
+        print(
+            f"k={shots['k']} (prefix {shots['prefix_tokens']} tokens): the prefix cache scores "
+            f"{cached['rate'] / uncached['rate']:.1f}x the examples/s of the same scoring without it; identical "
+            f"predictions: {uncached['same_predictions'] == 1.0}"
+        )
+    processes = ", ".join(
+        f"{name} {result['process_peak_rss_gib']:.2f} GiB" for name, result in results.items() if name != "gates"
+    )
+    print(f"peak resident memory per phase process: {processes}")
+    print(f"total {seconds / 60:.1f} min")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of fit,evaluation,shap")
+    parser.add_argument("--fit-batches", type=int, default=8, help="fit batches, the first untimed (default 8)")
+    parser.add_argument("--fit-batch-size", type=int, default=4, help="fit batch size (default 4)")
+    parser.add_argument("--eval-examples", type=int, default=128, help="eval examples timed per path (default 128)")
+    parser.add_argument("--eval-batch-size", type=int, default=16, help="evaluation batch size (default 16)")
+    parser.add_argument("--repeats", type=int, default=2, help="evaluation passes per path, fastest kept (default 2)")
+    parser.add_argument("--shots", type=int, default=4, help="k-shot rows with this k; 0 skips them (default 4)")
+    parser.add_argument(
+        "--gate-examples", type=int, default=500, help="eval examples for the bf16 prediction gate (default 500)"
+    )
+    parser.add_argument("--shap-examples", type=int, default=4, help="tweets to explain (default 4)")
+    parser.add_argument("--max-evals", type=int, default=200, help="shap max_evals (default 200)")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows and gates")
+    parser.add_argument("--threads", type=int, help="torch CPU threads in every phase (default: torch's choice)")
+    parser.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+    args = parser.parse_args(argv)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases {unknown}; choose from {', '.join(PHASES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bf16 = not args.no_bf16
+
+    start = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    peaks = matmul_peaks()
+    results: dict = {}
+    if "fit" in phases:
+        results["fit"] = run_phase(
+            "bench_fit.py", ["--batches", str(args.fit_batches), "--batch-size", str(args.fit_batch_size)], args.threads
+        )
+    if "evaluation" in phases:
+        sizes = ["--examples", str(args.eval_examples), "--batch-size", str(args.eval_batch_size)]
+        sizes += ["--repeats", str(args.repeats), "--gate-examples", str(args.gate_examples if bf16 else 0)]
+        results["evaluation"] = run_phase(
+            "bench_eval.py", sizes + ["--right-padded", "--shots", str(args.shots)], args.threads
+        )
+        if bf16:
+            results["evaluation_bf16"] = run_phase(
+                "bench_eval.py", sizes + ["--dtype", "bfloat16", "--no-reference"], args.threads
+            )
+    if "shap" in phases:
+        sizes = ["--examples", str(args.shap_examples), "--max-evals", str(args.max_evals)]
+        results["shap"] = run_phase("bench_shap.py", sizes, args.threads)
+        if bf16:
+            results["shap_bf16"] = run_phase(
+                "bench_shap.py", sizes + ["--dtype", "bfloat16", "--no-original", "--no-reference"], args.threads
+            )
+    # The peak again after the phases: a burst of load elsewhere during the first measurement would lower it.
+    peaks = {dtype: max(value, again) for (dtype, value), again in zip(peaks.items(), matmul_peaks().values())}
+    gates = {}
+    if "evaluation_bf16" in results and args.gate_examples:
+        gates["evaluation"] = prediction_agreement(results["evaluation"], results["evaluation_bf16"])
+    if "shap_bf16" in results:
+        gates["shap"] = shap_correlation(results["shap"], results["shap_bf16"])
+    if gates:
+        results["gates"] = gates
+    sizes = {
+        "fit": f"fit {args.fit_batches} batches of {args.fit_batch_size} (first untimed)",
+        "evaluation": (
+            f"evaluation {args.eval_examples} examples, batch {args.eval_batch_size}, fastest of {args.repeats}, "
+            f"k={args.shots}, bf16 gate on {args.gate_examples if bf16 else 0}"
+        ),
+        "shap": f"SHAP {args.shap_examples} tweets, max_evals {args.max_evals}",
+    }
+    settings = {
+        "load_average": (load_before, os.getloadavg()[0]),
+        "model": "embedded:smollm2-135m-instruct",
+        "data": "embedded:crowdflower-tweets (configs/embedded.yaml)",
+        "threads": torch.get_num_threads(),
+        "sizes": "; ".join(size for phase, size in sizes.items() if phase in phases),
+    }
+    print_summary(results, peaks, settings, time.perf_counter() - start)
+    if args.json:
+        args.json.write_text(json.dumps({"settings": settings, "matmul_peak_gflops": peaks, **results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

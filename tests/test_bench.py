@@ -1,0 +1,134 @@
+"""The benchmark's accounting (FLOPs from positions run, peak memory), gates and combined table, on a tiny Llama."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.accounting import PeakMemory, Work, WorkCounter, matmul_peak_gflops
+from bench.bench_all import format_table, prediction_agreement, shap_correlation, table_rows
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_counter_counts_positions_keys_and_head_positions(tiny_llama):
+    from transformers import DynamicCache
+
+    counter = WorkCounter(tiny_llama)
+    with counter, torch.no_grad():
+        tiny_llama(input_ids=torch.ones(2, 5, dtype=torch.long))  # logits at all 10 positions
+        cache = DynamicCache()
+        tiny_llama.model(input_ids=torch.ones(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
+        tiny_llama.model(input_ids=torch.ones(1, 2, dtype=torch.long), past_key_values=cache, use_cache=True)
+    tiny_llama(input_ids=torch.ones(1, 4, dtype=torch.long))  # after exit: not counted
+    # 2 rows x 5 (triangle 15 keys each); 3 (triangle 6); 2 on a 3-token cache (3 + 1, 3 + 2 keys).
+    assert counter.work == Work(positions=10 + 3 + 2, keys=2 * 15 + 6 + 9, head_positions=10)
+
+
+def test_forward_flops_follow_the_documented_formula(tiny_llama):
+    counter = WorkCounter(tiny_llama)
+    # Per layer: q 16x16, k 16x8, v 16x8, o 16x16, MLP 3 x 16x32, two norms of 16; plus the final norm.
+    body = 2 * (256 + 128 + 128 + 256 + 3 * 512 + 32) + 16
+    assert counter.body_params == body
+    assert counter.head_params == 50 * 16
+    work = Work(positions=7, keys=20, head_positions=3)
+    linear = 2 * body * 7 + 2 * 800 * 3
+    attention = 4 * 2 * 16 * 20
+    assert counter.forward_flops(work) == linear + attention
+    # Frozen base: activation gradients only (1x) for weights, both inputs (2x) for the attention products.
+    assert counter.fit_flops(work) == 2 * linear + 3 * attention
+
+
+def test_counter_counts_only_active_lora_and_what_a_4d_mask_allows(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    try:
+        lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+        assert WorkCounter(peft_model, lora_active=True).lora_params == lora
+        assert WorkCounter(peft_model, lora_active=False).lora_params == 0
+        counter = WorkCounter(peft_model)
+        mask = torch.tril(torch.ones(4, 4, dtype=torch.bool))
+        mask[3, :3] = torch.tensor([True, False, False])  # a prefix tree: node 3 sees the root only
+        with counter, torch.no_grad():
+            counter.decoder(input_ids=torch.ones(1, 4, dtype=torch.long), attention_mask=mask[None, None])
+        assert counter.work.keys == int(mask.sum())
+    finally:
+        peft_model.unload()
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    with PeakMemory() as memory:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        block[::512] = 2.0
+    assert memory.gib >= 64 / 1024
+    del block
+
+
+def test_matmul_peak_is_a_positive_rate():
+    assert matmul_peak_gflops(torch.float32, size=64, trials=1, seconds=0.01) > 0
+
+
+def test_gates_compare_predictions_and_target_class_values():
+    fp32 = {"gate": {"probabilities": [[0.7, 0.3], [0.4, 0.6], [0.9, 0.1]]}}
+    bf16 = {"gate": {"probabilities": [[0.6, 0.4], [0.6, 0.4], [0.9, 0.1]]}}
+    gate = prediction_agreement(fp32, bf16)
+    assert gate["examples"] == 3 and gate["agreement"] == pytest.approx(2 / 3) and not gate["passes"]
+    # Target = the fp32 prediction: class 1 for the first tweet, class 0 for the second.
+    fp32 = {
+        "tweets": [
+            {"probabilities": [0.2, 0.8], "values": [[9, 1], [9, 2]]},
+            {"probabilities": [0.9, 0.1], "values": [[3, 0]]},
+        ]
+    }
+    bf16 = {
+        "tweets": [
+            {"probabilities": [0.3, 0.7], "values": [[0, 2], [0, 4]]},
+            {"probabilities": [0.8, 0.2], "values": [[6, 9]]},
+        ]
+    }
+    gate = shap_correlation(fp32, bf16)
+    assert gate["values"] == 3 and gate["pearson_r"] == pytest.approx(1.0) and gate["passes"]
+
+
+def _row(path, rate, seconds, flops, **extra):
+    return {"path": path, "examples": 8, "rate": rate, "seconds": seconds, "flops": flops, "peak_rss_gib": 1.0, **extra}
+
+
+def test_table_speed_ups_targets_and_peak_shares():
+    results = {
+        "fit": {
+            "rows": [_row("ours", 5.0, 1.0, 10e9, dtype="float32"), _row("original", 0.5, 1.0, 1e9, dtype="float32")],
+            "target": 10.0,
+            "same_first_loss": True,
+        },
+        "shap": {  # seconds per explained tweet: lower is better
+            "rows": [_row("ours", 2.0, 4.0, 300e9, dtype="float32"), _row("original", 8.0, 16.0, 1e9)],
+            "target": 5.0,
+        },
+    }
+    rows = table_rows(results, {"float32": 100.0, "bfloat16": 400.0})
+    fit_ours, _, shap_ours, _ = rows
+    assert fit_ours["speed_up"] == pytest.approx(10.0) and fit_ours["gflops"] == pytest.approx(10.0)
+    assert shap_ours["speed_up"] == pytest.approx(4.0) and shap_ours["peak_share"] == pytest.approx(0.75)
+    lines = format_table(rows)
+    assert len(lines) == 2 + 4
+    assert "| yes" in lines[2] and "**no**" in lines[4]  # fit 10x meets >= 10x; SHAP 4x misses >= 5x
+    assert "1.00x (base)" in lines[3] and "1.00x (base)" in lines[5]

@@ -1,0 +1,192 @@
+"""score_prompts with shared prefixes (one prefix tree per batch, tree attention mask) equals the plain forward."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_modules.scoring import PrefixCache, PrefixTree, _tree_batches, score_prompts, supports_prefix_sharing
+
+PREFIX = [2, 7, 8, 9, 10, 11]
+LABELS = [30, 31, 32]
+
+
+def shared_continuations(seed: int = 0, n: int = 40) -> list[list[int]]:
+    """Masked-variant-like continuations: random cuts of one base sequence plus a short random tail, with every
+    case the tree must handle: duplicates, one continuation a prefix of another, one token, no shared token."""
+    rng = random.Random(seed)
+    base = [rng.randrange(4, 40) for _ in range(18)]
+    continuations = []
+    for _ in range(n):
+        cut = rng.randrange(0, len(base))
+        continuations.append(base[:cut] + [rng.randrange(4, 40) for _ in range(rng.randrange(1, 5))])
+    continuations += [continuations[3], continuations[3], base[:5], base[:9], [base[0]], [39, 38, 37]]
+    return continuations
+
+
+def one_by_one(model, continuations) -> np.ndarray:
+    """The reference: every prompt alone, uncached, no padding, no tree."""
+    return np.stack(
+        [score_prompts(model, PREFIX, [c], LABELS, use_prefix_cache=False).probabilities[0] for c in continuations]
+    )
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def tiny_model(request, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=request.param).eval()
+
+
+def test_prefix_tree_has_one_node_per_distinct_prefix():
+    sequences = [[1, 2, 3], [1, 2], [1, 2, 3], [1, 4], [5], [1, 2, 3, 6]]
+    tree = PrefixTree.build(sequences)
+    distinct = {tuple(s[:k]) for s in sequences for k in range(1, len(s) + 1)}
+    assert len(tree.prefixes) == len(distinct) == 6 and set(tree.prefixes) == distinct
+    for sequence, end in zip(sequences, tree.ends):
+        # the end node's ancestors, root first, are the sequence's prefixes
+        path = np.flatnonzero(tree.visible[end])
+        assert [tree.prefixes[k] for k in path] == [tuple(sequence[: k + 1]) for k in range(len(sequence))]
+    assert tree.ends[0] == tree.ends[2]  # duplicates share their node
+    assert tree.visible[tree.ends[5], tree.ends[0]]  # [1, 2, 3] is a prefix of [1, 2, 3, 6]
+    assert not tree.visible[tree.ends[3], tree.ends[1]] and tree.visible[tree.ends[3]].sum() == 2
+
+
+def test_tree_batches_hold_what_a_padded_batch_holds():
+    sequences = shared_continuations(seed=3, n=60)
+    batches = _tree_batches(sequences, batch_size=4)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(sequences)))
+    budget = 4 * max(len(s) for s in sequences)
+    for batch in batches:
+        assert len(PrefixTree.build([sequences[i] for i in batch]).prefixes) <= budget
+    assert len(batches) < len(sequences) / 4  # shared prefixes let a tree take more prompts than a padded batch
+    assert _tree_batches([], batch_size=4) == []
+
+
+def test_supports_prefix_sharing(tiny_model):
+    assert supports_prefix_sharing(tiny_model)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 100])
+@pytest.mark.parametrize("use_prefix_cache", [True, False])
+def test_shared_prefixes_equal_uncached_full_prompts(tiny_model, batch_size, use_prefix_cache):
+    continuations = shared_continuations()
+    expected = one_by_one(tiny_model, continuations)
+    assert expected.std(0).max() > 1e-3  # outputs differ between prompts, so a wrong order could not pass
+    got = score_prompts(
+        tiny_model,
+        PREFIX,
+        continuations,
+        LABELS,
+        batch_size=batch_size,
+        use_prefix_cache=use_prefix_cache,
+        share_prefixes=True,
+    )
+    assert np.abs(got.probabilities - expected).max() <= 1e-5
+    plain = score_prompts(tiny_model, PREFIX, continuations, LABELS, batch_size=batch_size)
+    assert np.abs(got.label_space_mass - plain.label_space_mass).max() <= 1e-5
+    assert (got.top_token_is_label == plain.top_token_is_label).all()
+
+
+@pytest.mark.parametrize(
+    "continuations", [[[12]], [[12, 13, 14]], [[12, 13], [12, 13]], [[12], [12, 13], [12, 13, 14]]]
+)
+def test_shared_prefixes_edge_cases(tiny_model, continuations):
+    got = score_prompts(tiny_model, PREFIX, continuations, LABELS, batch_size=2, share_prefixes=True)
+    assert np.abs(got.probabilities - one_by_one(tiny_model, continuations)).max() <= 1e-5
+
+
+def test_remembered_prefixes_carry_over_between_calls(tiny_model):
+    """The explainer's rounds: later calls reuse the prefixes earlier calls computed, with identical results."""
+    continuations = shared_continuations(seed=4, n=45)
+    expected = one_by_one(tiny_model, continuations)
+    distinct = {tuple(c[:k]) for c in continuations for k in range(1, len(c) + 1)}
+    positions = []  # decoder positions computed, from the embedding layer's output shapes
+    hook = tiny_model.get_input_embeddings().register_forward_hook(lambda m, i, out: positions.append(out.shape[1]))
+
+    def score_in_rounds(cache, rounds):
+        for rows in rounds:
+            got = score_prompts(
+                tiny_model, PREFIX, continuations[rows], LABELS, 4, prefix_cache=cache, share_prefixes=True
+            )
+            assert np.abs(got.probabilities - expected[rows]).max() <= 1e-5
+
+    try:
+        rounds = [slice(start, start + 15) for start in range(0, len(continuations), 15)]
+        cache = PrefixCache(tiny_model, PREFIX, torch.device("cpu"), max_remembered=4096)
+        positions.clear()
+        score_in_rounds(cache, rounds)
+        assert sum(positions) == len(cache.slots) == len(distinct)  # every prefix computed once, across calls
+        positions.clear()
+        score_in_rounds(cache, rounds[::-1])  # all remembered: no forward at all
+        assert sum(positions) == 0
+        small = PrefixCache(tiny_model, PREFIX, torch.device("cpu"), max_remembered=25)  # forgets every few batches
+        score_in_rounds(small, rounds + rounds)
+        assert 0 < len(small.slots) <= 25
+        small.forget()
+        assert not small.slots
+        default = PrefixCache(tiny_model, PREFIX, torch.device("cpu"))
+        score_in_rounds(default, rounds)
+        assert not default.slots  # remembers nothing by default
+        with default.remembering() as remembering:
+            score_in_rounds(remembering, rounds)
+            assert len(default.slots) == len(distinct)
+        assert not default.slots and default.max_remembered == 0
+    finally:
+        hook.remove()
+    assert len(distinct) < sum(len(c) for c in continuations)
+
+
+def test_shared_prefixes_without_instruction(tiny_model):
+    continuations = shared_continuations(seed=1, n=12)
+    got = score_prompts(tiny_model, [], continuations, LABELS, batch_size=5, share_prefixes=True)
+    plain = score_prompts(tiny_model, [], continuations, LABELS, batch_size=5)
+    assert np.abs(got.probabilities - plain.probabilities).max() <= 1e-5
+
+
+def test_shared_prefixes_through_a_lora_adapter(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config).eval()
+    assert supports_prefix_sharing(model)  # the tree path runs, not the padded fallback
+    continuations = shared_continuations(seed=2, n=20)
+    for context in (model.disable_adapter, contextlib.nullcontext):
+        with context():
+            got = score_prompts(model, PREFIX, continuations, LABELS, batch_size=8, share_prefixes=True)
+            assert np.abs(got.probabilities - one_by_one(model, continuations)).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_shared_prefixes_on_the_embedded_model_shap_variants(embedded_model_dir):
+    """The masked variants the explainer asks for, on SmolLM2: the tree matches the padded batches within 1e-5."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from analysis.shap_explain import mask_tweet, normalize_tweet, tweet_masker
+    from datamodules.prompts import PromptEncoder
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir).eval()
+    encoder = PromptEncoder(tokenizer, ["negative", "neutral", "positive"])
+    text = normalize_tweet("@united the flight was delayed again but the crew were lovely, thanks for the upgrade!")
+    masker = tweet_masker(encoder)
+    n_tokens = len(masker.data_transform(text)[0])
+    rng = np.random.default_rng(0)
+    # coalitions like the Partition explainer's: contiguous runs kept, so variants share leading tokens
+    keeps = [np.arange(n_tokens) < cut for cut in rng.integers(0, n_tokens + 1, 24)]
+    keeps += [rng.random(n_tokens) < 0.7 for _ in range(16)] + [np.ones(n_tokens, bool), np.zeros(n_tokens, bool)]
+    continuations = [encoder.continuation(mask_tweet(masker, text, keep)) for keep in keeps]
+    kwargs = dict(label_token_ids=encoder.label_token_ids, batch_size=16, pad_token_id=tokenizer.pad_token_id or 0)
+    plain = score_prompts(model, encoder.prefix_ids, continuations, **kwargs)
+    shared = score_prompts(model, encoder.prefix_ids, continuations, share_prefixes=True, **kwargs)
+    assert np.abs(shared.probabilities - plain.probabilities).max() <= 1e-5
+    assert np.abs(shared.label_space_mass - plain.label_space_mass).max() <= 1e-5
+    assert len(PrefixTree.build(continuations[:16]).prefixes) < sum(len(c) for c in continuations[:16])
