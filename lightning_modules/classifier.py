@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -105,6 +105,11 @@ class LoRASentimentClassifier(L.LightningModule):
         num_classes = len(self.label_names)
         self.val_metrics = _metrics(num_classes).clone(prefix="val/")
         self.test_metrics = _metrics(num_classes).clone(prefix="test/")
+        # The epoch loss is a torchmetrics mean (sums of loss x examples and of examples, summed across processes):
+        # exact under DDP even when ranks hold unequal numbers of eval examples, where Lightning's own sync_dist
+        # mean floors the integer example count (Lightning-AI/pytorch-lightning#21859, open in 2.6).
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
 
     # ---- forward ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -134,19 +139,22 @@ class LoRASentimentClassifier(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        # sync_dist: under DDP the logged step loss is the mean over all processes' batches (one small all-reduce
+        # per step), so the curve matches a single process with the same global batch; alone it is a no-op.
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
         return loss
 
-    def _eval_step(self, batch: dict, metrics: MetricCollection, stage: str) -> None:
+    def _eval_step(self, batch: dict, metrics: MetricCollection, loss_metric: MeanMetric, stage: str) -> None:
         loss, probs = self._step(batch)
         metrics.update(probs, batch["class_index"])
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        loss_metric.update(loss, weight=len(batch["input_ids"]))
+        self.log(f"{stage}/loss", loss_metric, prog_bar=True, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        self._eval_step(batch, self.val_metrics, self.val_loss, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+        self._eval_step(batch, self.test_metrics, self.test_loss, "test")
 
     def on_predict_epoch_start(self) -> None:
         self._prefix_cache = None  # the adapter may have been toggled or reloaded since the last predict
@@ -185,10 +193,12 @@ class LoRASentimentClassifier(L.LightningModule):
         values = metrics.compute()
         self.last_confusion_matrix = values.pop(f"{stage}/confusion_matrix").cpu().tolist()
         per_class = values.pop(f"{stage}/f1_per_class")
-        self.log(f"{stage}/acc", values.pop(f"{stage}/acc"), prog_bar=True)
+        # torchmetrics already synced these across processes (every rank holds the global value), so the mean that
+        # sync_dist takes changes nothing; it keeps every epoch-level value on the same footing.
+        self.log(f"{stage}/acc", values.pop(f"{stage}/acc"), prog_bar=True, sync_dist=True)
         for name, value in zip(self.label_names, per_class):
             values[f"{stage}/f1_{name}"] = value
-        self.log_dict(values)
+        self.log_dict(values, sync_dist=True)
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:

@@ -50,16 +50,21 @@ def write_adapter(module, directory: Path, prompt: dict | None = None) -> Path:
 
 
 class ExportAdapter(L.Callback):
-    """Writes `<dirpath or default_root_dir>/lora_adapter/` when fit ends (rank zero only)."""
+    """Writes `<dirpath or default_root_dir>/lora_adapter/` when fit ends.
+
+    Under DDP every process holds the same weights (DDP averages the gradients); only global rank 0 writes, and the
+    others wait for it, so the folder is complete on every rank (and node sharing the file system) when fit returns.
+    """
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        target = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / ADAPTER_DIR
-        datamodule = getattr(trainer, "datamodule", None)
-        prompt = datamodule.prompt_description() if hasattr(datamodule, "prompt_description") else None
-        write_adapter(pl_module, target, prompt)
-        print(f"LoRA adapter written to {target.resolve()}")
+        if trainer.is_global_zero:
+            target = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / ADAPTER_DIR
+            datamodule = getattr(trainer, "datamodule", None)
+            prompt = datamodule.prompt_description() if hasattr(datamodule, "prompt_description") else None
+            write_adapter(pl_module, target, prompt)
+            print(f"LoRA adapter written to {target.resolve()}")
+        # If rank 0 fails above it exits, and the others' barrier fails with it instead of hanging.
+        trainer.strategy.barrier("ExportAdapter")
