@@ -374,7 +374,7 @@ def run_analysis(
     called after each newly computed example is saved (tests use it to interrupt a run). `shard_index` /
     `num_shards` (default: torchrun's RANK / WORLD_SIZE, else one shard) split the examples across processes.
     """
-    from lightning_modules.adapters import load_adapter
+    from lightning_modules.adapters import existing_adapter, load_adapter
     from scripts.cli import build_from_config
 
     _check_arguments(example_count, max_evals, batch_size, target)
@@ -385,11 +385,7 @@ def run_analysis(
     shard_index, num_shards = shard_index or 0, num_shards or 1
     _check_shard(shard_index, num_shards)
     folder = check_output_dir(output_dir)
-    adapter_path = Path(adapter).expanduser().resolve() if adapter else None
-    if adapter_path and not adapter_path.exists():  # fail before the (slow) model load
-        raise UserInputError(
-            f"The adapter '{adapter_path}' does not exist; pass a lora_adapter/ folder or a .ckpt file."
-        )
+    adapter_path = existing_adapter(adapter)
     datamodule, module = build_from_config(str(config), list(overrides or []))
     prompt = datamodule.prompt_description()
     if adapter_path:
@@ -452,6 +448,8 @@ def run_analysis(
     value_functions = model_value_functions(module, specs, batch_size)
     result = AnalysisResult(folder, {}, notes, models=models)
 
+    waiting: list[int] = []  # examples of other shards not in the store yet
+
     def explained(index: int, compute: bool) -> dict | None:
         """Example `index`'s record: read back from the store, else computed now (when `compute`), else None."""
         text, truncated = fit_to_budget(encoder, normalize_tweet(examples[index].text), tweet_budget)
@@ -467,6 +465,7 @@ def run_analysis(
                 result.resumed.append(index)
             return record
         if not compute:
+            waiting.append(index)
             return None
         record = explain_example(
             index, text, examples[index].label, encoder, masker, value_functions, max_evals, target, seed, random_orders
@@ -495,7 +494,7 @@ def run_analysis(
     # missing leaves the merge to the last shard or a later run without sharding.
     merge_computes = num_shards == 1 or distributed is not None
     records = [r for r in (explained(i, compute=merge_computes) for i in range(example_count)) if r is not None]
-    if not merge_computes and len(records) + _count_skipped(notes) < example_count:
+    if waiting:
         result.merged = False
         return result
     if not records:
@@ -509,10 +508,6 @@ def run_analysis(
     result.metrics = interpretability_metrics(records, models, settings, notes, n_resamples, seed)
     result.files, result.removed_stale = write_outputs(folder, records, models, result.metrics, label_names, settings)
     return result
-
-
-def _count_skipped(notes: list[str]) -> int:
-    return sum(note.endswith("has an empty tweet; skipped") for note in notes)
 
 
 def write_outputs(

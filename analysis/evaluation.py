@@ -302,16 +302,12 @@ def evaluate(
     `baselines`: any of `zero_shot`, `zero_shot_calibrated`, `k_shot` (with `k_shot` demonstrations). Metrics
     files of models this run did not evaluate are removed from the folder, so it never mixes two runs.
     """
-    from lightning_modules.adapters import load_adapter
+    from lightning_modules.adapters import existing_adapter, load_adapter
     from scripts.cli import build_from_config
 
     baselines = check_baselines(baselines, k_shot)
     folder = check_output_dir(output_dir)
-    adapter_path = Path(adapter).expanduser().resolve() if adapter else None
-    if adapter_path and not adapter_path.exists():  # fail before the (slow) model load
-        raise UserInputError(
-            f"The adapter '{adapter_path}' does not exist; pass a lora_adapter/ folder or a .ckpt file."
-        )
+    adapter_path = existing_adapter(adapter)
     overrides = list(extra_overrides or [])
     if eval_subset is not None:
         overrides += ["--data.eval_subset", str(eval_subset)]

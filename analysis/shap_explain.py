@@ -208,7 +208,7 @@ def model_value_functions(
             batch_size,
             state=lambda spec=spec: spec.state(module),
             use_prefix_cache=use_prefix_cache,
-            transform=None if spec.prior is None else spec.transform,
+            transform=spec.transform,
         )
         for name, spec in specs.items()
     }

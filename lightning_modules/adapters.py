@@ -19,6 +19,18 @@ PROMPT_KEYS = (
     ("instruction", "--data.prompt_style, --data.num_demonstrations and --data.seed"),
 )
 
+MISSING_ADAPTER = "The adapter '{}' does not exist; pass a lora_adapter/ folder or a .ckpt file."
+
+
+def existing_adapter(adapter: str | Path | None) -> Path | None:
+    """The adapter's absolute path (None without one), checked to exist: callers fail before the slow model load."""
+    if not adapter:
+        return None
+    path = Path(adapter).expanduser().resolve()
+    if not path.exists():
+        raise UserInputError(MISSING_ADAPTER.format(path))
+    return path
+
 
 def load_adapter(module, path: str | Path, prompt: dict | None = None) -> dict:
     """Replace `module`'s LoRA weights with the saved ones, after checking they belong to this base, these labels
@@ -33,7 +45,7 @@ def load_adapter(module, path: str | Path, prompt: dict | None = None) -> dict:
     elif path.is_file():
         meta, weights = _read_checkpoint(path)
     else:
-        raise UserInputError(f"The adapter '{path}' does not exist; pass a lora_adapter/ folder or a .ckpt file.")
+        raise UserInputError(MISSING_ADAPTER.format(path))
     base = meta.get("base_model")
     if base and base != module.hparams.model_name:
         raise UserInputError(
