@@ -190,6 +190,7 @@ class LabelProbabilities:
                 pad_token_id=self.pad_token_id,
                 prefix_cache=self.prefix_cache,
                 share_prefixes=self.share_prefixes,
+                full_vocabulary=False,  # only the label tokens' logits are explained
             )
         self.evaluations += len(continuations)
         probabilities = scores.probabilities

@@ -7,10 +7,11 @@ the toolkit reports reads the same position of the same model.
 of one tweet do) into a prefix tree and runs each tree as one sequence: every distinct prefix is computed once, and
 no pad is computed at all. A tree-shaped attention mask lets each token see the instruction and its own ancestors
 only, at the position it has in its own prompt, so each token's state is the one a separate forward of its prompt
-computes (equal up to float rounding). Inside `PrefixCache.remembering()` later calls also reuse the prefixes earlier
-calls computed (the explainer's rounds over one tweet). It pays where prompts share prefixes (2.3-2.5x less CPU time
-per explained tweet, bench/bench_shap_prefix_sharing.py); on unrelated prompts it saves only the pads and its
-attention over the packed sequence costs about as much, so it is off by default.
+computes (equal up to float rounding). The attention reads, per block of nodes, only the keys the block may see
+(`lightning_modules.tree_attention`), so a large tree pays no attention over the pairs its mask rules out. Inside
+`PrefixCache.remembering()` later calls also reuse the prefixes earlier calls computed (the explainer's rounds over
+one tweet). It pays where prompts share prefixes (2.3-2.5x less CPU time per explained tweet,
+bench/bench_shap_prefix_sharing.py); on unrelated prompts it saves only the pads, so it is off by default.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from lightning_modules.tree_attention import TreeAttentionPlan, tree_attention
 
 
 def _causal_lm(model):
@@ -43,8 +46,9 @@ def logits_at_positions(
     positions: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     past_key_values=None,
+    token_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Full-vocabulary logits at one position per row, shape (batch, vocab).
+    """Full-vocabulary logits at one position per row, shape (batch, vocab), or only those of `token_ids`.
 
     Runs the decoder, gathers one hidden state per row and applies the lm_head there only: with a 128k vocabulary,
     logits at every position would cost gigabytes for nothing.
@@ -53,7 +57,22 @@ def logits_at_positions(
     decoder = causal_lm.get_decoder()
     outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, **_cache_kwargs(decoder, past_key_values))
     hidden = outputs.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), positions]
-    return causal_lm.get_output_embeddings()(hidden)
+    return _head_logits(causal_lm, hidden, token_ids)
+
+
+def _head_logits(causal_lm, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+    """The lm_head on `hidden`: every token's logit, or with `token_ids` only theirs, (rows, len(token_ids)).
+
+    A plain linear head computes just those rows of its weight (a few dot products instead of the whole vocabulary);
+    any other head (quantized, adapted) runs whole and is indexed.
+    """
+    head = causal_lm.get_output_embeddings()
+    if token_ids is None:
+        return head(hidden)
+    if type(head) is torch.nn.Linear:
+        bias = None if head.bias is None else head.bias.index_select(0, token_ids)
+        return torch.nn.functional.linear(hidden, head.weight.index_select(0, token_ids), bias)
+    return head(hidden).index_select(-1, token_ids)
 
 
 @dataclass
@@ -61,8 +80,9 @@ class LabelScores:
     """Per-example scores at the label position; arrays in the order the prompts were given."""
 
     probabilities: np.ndarray  # (n, classes): softmax over the label tokens only
-    label_space_mass: np.ndarray  # (n,): probability the unconstrained next token is a label token
-    top_token_is_label: np.ndarray  # (n,) bool: the unconstrained arg-max is a label token
+    # Both None when scored with `full_vocabulary=False`:
+    label_space_mass: np.ndarray | None  # (n,): probability the unconstrained next token is a label token
+    top_token_is_label: np.ndarray | None  # (n,) bool: the unconstrained arg-max is a label token
 
 
 class PrefixCache:
@@ -87,6 +107,8 @@ class PrefixCache:
         self.layers = [(layer.keys, layer.values) for layer in cache.layers]
         self.length = ids.shape[1]
         self.max_remembered = max_remembered
+        self._states: list[list[torch.Tensor]] = []  # per layer [keys, values], (1, heads, capacity, dim)
+        self._hidden: torch.Tensor | None = None  # (capacity, hidden size)
         self.forget()
 
     def for_batch(self, batch_size: int):
@@ -111,10 +133,12 @@ class PrefixCache:
             self.forget()
 
     def forget(self) -> None:
-        """Drop the remembered continuation prefixes (the instruction's states stay)."""
-        self.slots: dict[tuple[int, ...], int] = {}  # continuation prefix -> its index in the buffers below
-        self._states: list[list[torch.Tensor]] = []  # per layer [keys, values], (1, heads, capacity, dim)
-        self._hidden: torch.Tensor | None = None  # (capacity, hidden size)
+        """Drop the remembered continuation prefixes (the instruction's states stay).
+
+        The buffers stay allocated and are overwritten by the next job: faulting a few hundred fresh megabytes in again
+        for every explained tweet costs more time than keeping them.
+        """
+        self.slots: dict[tuple[int, ...], int] = {}  # continuation prefix -> its index in the buffers
 
     def recall(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the instruction's keys/values followed by those of the remembered prefixes at `slots`."""
@@ -224,22 +248,17 @@ def _tree_batches(sequences: Sequence[Sequence[int]], batch_size: int) -> list[l
     return batches
 
 
-def _attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """The (queries, keys) bool matrix as a 4D mask, which transformers hands to the attention as it is: sdpa takes
-    booleans (True = attend), eager adds the mask to the scores."""
-    allowed = allowed[None, None]
-    if implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
 def supports_prefix_sharing(model) -> bool:
-    """Whether the model's attention takes a custom 4D mask (sdpa and eager do; flash kernels take none)."""
+    """Whether the tree path may run the model: its attention is plain softmax attention (sdpa or eager), which the
+    tree's block-sparse attention (`lightning_modules.tree_attention`) computes exactly; other kernels may differ."""
     return getattr(_causal_lm(model).config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
-def tree_logits(model, tree: PrefixTree, prefix_cache: PrefixCache | None = None) -> torch.Tensor:
-    """Full-vocabulary logits at the end of every sequence of `tree`, shape (sequences, vocab).
+def tree_logits(
+    model, tree: PrefixTree, prefix_cache: PrefixCache | None = None, token_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Full-vocabulary logits at the end of every sequence of `tree`, shape (sequences, vocab), or only those of
+    `token_ids`.
 
     The nodes `prefix_cache` does not remember run as one sequence on top of the instruction and the remembered
     nodes, each attending to the instruction and its own ancestors at its own position; then the cache remembers
@@ -263,12 +282,14 @@ def tree_logits(model, tree: PrefixTree, prefix_cache: PrefixCache | None = None
         embeddings = decoder.get_input_embeddings()(input_ids)
         positions = [[cached + len(tree.prefixes[node]) - 1 for node in new]]
         past = DynamicCache(ddp_cache_data=prefix_cache.recall(known_slots)) if prefix_cache else None
-        outputs = decoder(
-            inputs_embeds=embeddings,
-            attention_mask=_attention_mask(allowed, causal_lm.config._attn_implementation, embeddings.dtype),
-            position_ids=torch.tensor(positions, dtype=torch.long, device=device),
-            **_cache_kwargs(decoder, past),
-        )
+        with tree_attention(causal_lm.config):
+            outputs = decoder(
+                inputs_embeds=embeddings,
+                attention_mask=allowed[None, None],  # what each node sees; the plan is the same mask in blocks
+                position_ids=torch.tensor(positions, dtype=torch.long, device=device),
+                tree_plan=TreeAttentionPlan.build(allowed),
+                **_cache_kwargs(decoder, past),
+            )
         hidden.append(outputs.last_hidden_state[0])
         if prefix_cache and prefix_cache.max_remembered:
             start = cached + len(known)
@@ -276,7 +297,7 @@ def tree_logits(model, tree: PrefixTree, prefix_cache: PrefixCache | None = None
             prefix_cache.remember([tree.prefixes[node] for node in new], states, hidden[-1])
     row = {node: k for k, node in enumerate(known + new)}  # the rows of torch.cat(hidden)
     ends = torch.tensor([row[node] for node in tree.ends], dtype=torch.long, device=device)
-    return causal_lm.get_output_embeddings()(torch.cat(hidden).index_select(0, ends))
+    return _head_logits(causal_lm, torch.cat(hidden).index_select(0, ends), token_ids)
 
 
 @torch.no_grad()
@@ -290,6 +311,7 @@ def score_prompts(
     pad_token_id: int = 0,
     prefix_cache: PrefixCache | None = None,
     share_prefixes: bool = False,
+    full_vocabulary: bool = True,
 ) -> LabelScores:
     """Label-token probabilities for prompts `prefix_ids + continuation` (the continuation ends at the label position).
 
@@ -299,6 +321,8 @@ def score_prompts(
     most `batch_size` x the longest prompt's length nodes (what a padded batch holds), run as one sequence, reusing
     and adding to the prefixes `prefix_cache` remembers (see `PrefixCache`); models whose attention takes no custom
     mask fall back to padded batches.
+    `full_vocabulary=False` applies the lm_head to the label tokens only (a value function needs nothing else), and
+    leaves `label_space_mass` and `top_token_is_label` None.
     The caller chooses the model state (adapter enabled or disabled, train or eval mode).
     """
     if any(len(c) == 0 for c in continuations):
@@ -309,8 +333,9 @@ def score_prompts(
         prefix_cache = PrefixCache(model, prefix_ids, device)
     n = len(continuations)
     probabilities = np.zeros((n, len(label_ids)), dtype=np.float64)
-    mass = np.zeros(n, dtype=np.float64)
-    top_is_label = np.zeros(n, dtype=bool)
+    mass = np.zeros(n, dtype=np.float64) if full_vocabulary else None
+    top_is_label = np.zeros(n, dtype=bool) if full_vocabulary else None
+    head_ids = None if full_vocabulary else label_ids
     sequences = [list(c) if prefix_cache else list(prefix_ids) + list(c) for c in continuations]
     if share_prefixes and supports_prefix_sharing(model):
         batches = _tree_batches(sequences, batch_size)
@@ -320,7 +345,7 @@ def score_prompts(
         batches = [order[start : start + batch_size] for start in range(0, n, batch_size)]
     for rows in batches:
         if share_prefixes:
-            logits = tree_logits(model, PrefixTree.build([sequences[i] for i in rows]), prefix_cache)
+            logits = tree_logits(model, PrefixTree.build([sequences[i] for i in rows]), prefix_cache, head_ids)
         else:
             width = max(len(sequences[i]) for i in rows)
             input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=device)
@@ -328,8 +353,11 @@ def score_prompts(
                 input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
             positions = torch.tensor([len(sequences[i]) - 1 for i in rows], device=device)
             past = prefix_cache.for_batch(len(rows)) if prefix_cache else None
-            logits = logits_at_positions(model, input_ids, positions, past_key_values=past)
+            logits = logits_at_positions(model, input_ids, positions, past_key_values=past, token_ids=head_ids)
         logits = logits.float()
+        if not full_vocabulary:  # the columns are the label tokens
+            probabilities[rows] = torch.softmax(logits, dim=-1).cpu().double().numpy()
+            continue
         log_probs = torch.log_softmax(logits, dim=-1)
         label_logits = logits[:, label_ids]
         probabilities[rows] = torch.softmax(label_logits, dim=-1).cpu().double().numpy()

@@ -190,3 +190,97 @@ def test_shared_prefixes_on_the_embedded_model_shap_variants(embedded_model_dir)
     assert np.abs(shared.probabilities - plain.probabilities).max() <= 1e-5
     assert np.abs(shared.label_space_mass - plain.label_space_mass).max() <= 1e-5
     assert len(PrefixTree.build(continuations[:16]).prefixes) < sum(len(c) for c in continuations[:16])
+
+
+def masked_softmax_attention(query, key, value, allowed, scale):
+    """Reference attention written out: each query head reads key head h // groups; masked scores are dropped."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(-1, -2)).double() * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ value.double()).transpose(1, 2)  # (1, rows, heads, dim)
+
+
+@pytest.mark.parametrize("block_rows", [1, 4, 7, 64])
+def test_tree_attention_blocks_equal_dense_attention(block_rows):
+    """Each block of query rows reads only the keys some row of it may see: the same numbers as full attention."""
+    from lightning_modules.tree_attention import TreeAttentionPlan, tree_attention_forward
+
+    torch.manual_seed(0)
+    tree = PrefixTree.build(shared_continuations(seed=5, n=30))
+    rows, cached, known = len(tree.prefixes), 6, 9
+    generator = torch.Generator().manual_seed(1)
+    allowed = torch.cat(
+        [
+            torch.ones(rows, cached, dtype=torch.bool),
+            torch.rand(rows, known, generator=generator) < 0.2,  # remembered ancestors, seen by some rows only
+            torch.from_numpy(tree.visible),
+        ],
+        dim=1,
+    )
+    heads, kv_heads, dim = 6, 2, 8
+    query = torch.randn(1, heads, rows, dim)
+    key, value = torch.randn(1, kv_heads, allowed.shape[1], dim), torch.randn(1, kv_heads, allowed.shape[1], dim)
+    plan = TreeAttentionPlan.build(allowed, block_rows=block_rows)
+    real_rows = plan.mask[:, 0].reshape(-1, plan.mask.shape[-1])[:rows]  # padding rows come after the real ones
+    assert plan.mask.shape[-1] <= allowed.shape[1] and real_rows.sum() == allowed.sum()  # same mask, fewer columns
+    got, _ = tree_attention_forward(None, query, key, value, None, scaling=0.3, tree_plan=plan)
+    expected = masked_softmax_attention(query, key, value, allowed[None, None], 0.3)
+    assert got.shape == (1, rows, heads, dim)
+    assert (got.double() - expected).abs().max() <= 1e-5
+    if block_rows == 7:  # blocks of depth-first nodes share ancestors: far fewer scores than the dense rows x keys
+        assert plan.mask.numel() < 0.5 * allowed.numel()
+
+
+def test_tree_attention_is_switched_on_for_one_forward_only(tiny_model):
+    from lightning_modules.tree_attention import TREE_ATTENTION, tree_attention
+
+    config = tiny_model.config
+    before = config._attn_implementation
+    with pytest.raises(RuntimeError), tree_attention(config):
+        assert config._attn_implementation == TREE_ATTENTION
+        raise RuntimeError("a failing forward")
+    assert config._attn_implementation == before
+
+
+def test_label_only_head_gives_the_same_probabilities(tiny_model):
+    """full_vocabulary=False (the SHAP value function) computes only the label rows of the lm_head."""
+    continuations = shared_continuations(seed=6, n=20)
+    full = score_prompts(tiny_model, PREFIX, continuations, LABELS, batch_size=6)
+    for share in (False, True):
+        labels_only = score_prompts(
+            tiny_model, PREFIX, continuations, LABELS, batch_size=6, share_prefixes=share, full_vocabulary=False
+        )
+        assert np.abs(labels_only.probabilities - full.probabilities).max() <= 1e-5
+        assert labels_only.label_space_mass is None and labels_only.top_token_is_label is None
+
+
+def test_a_cache_reused_for_another_job_gives_the_bytes_of_a_fresh_one(tiny_model):
+    """Forgetting keeps the buffers for the next job (no memory faulted in again), never their old contents."""
+    first, second = shared_continuations(seed=7, n=30), shared_continuations(seed=8, n=30)
+
+    def job(cache, continuations):
+        with cache.remembering():
+            return np.concatenate(
+                [
+                    score_prompts(
+                        tiny_model,
+                        PREFIX,
+                        continuations[k : k + 10],
+                        LABELS,
+                        4,
+                        prefix_cache=cache,
+                        share_prefixes=True,
+                        full_vocabulary=False,
+                    ).probabilities
+                    for k in range(0, len(continuations), 10)
+                ]
+            )
+
+    used = PrefixCache(tiny_model, PREFIX, torch.device("cpu"))
+    job(used, first)
+    buffer = used._states[0][0]
+    again = job(used, second)
+    assert used._states[0][0].data_ptr() == buffer.data_ptr()  # the same memory, overwritten
+    fresh = job(PrefixCache(tiny_model, PREFIX, torch.device("cpu")), second)
+    assert np.array_equal(again, fresh)
