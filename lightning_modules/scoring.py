@@ -164,19 +164,20 @@ class PrefixCache:
         if not self._states:
             self._states = [[None, None] for _ in layers]
         for state, new in zip(self._states, layers):
-            state[0] = _write_at(state[0], used, new[0], dim=2)
-            state[1] = _write_at(state[1], used, new[1], dim=2)
-        self._hidden = _write_at(self._hidden, used, hidden, dim=0)
+            state[0] = _write_at(state[0], used, new[0], dim=2, capacity=self.max_remembered)
+            state[1] = _write_at(state[1], used, new[1], dim=2, capacity=self.max_remembered)
+        self._hidden = _write_at(self._hidden, used, hidden, dim=0, capacity=self.max_remembered)
         self.slots.update((prefix, used + k) for k, prefix in enumerate(prefixes))
 
 
-def _write_at(buffer: torch.Tensor | None, used: int, new: torch.Tensor, dim: int) -> torch.Tensor:
-    """`buffer` with `new` written after its first `used` entries along `dim`; it doubles when full, so that
-    remembering n prefixes one call at a time copies O(n) rather than O(n^2) states."""
+def _write_at(buffer: torch.Tensor | None, used: int, new: torch.Tensor, dim: int, capacity: int) -> torch.Tensor:
+    """`buffer` with `new` written after its first `used` entries along `dim`. A new buffer holds `capacity` entries
+    at once (pages a CPU never touches are never faulted in), so it is not copied while the job grows; past that
+    it doubles, which copies O(n) states rather than O(n^2)."""
     needed = used + new.shape[dim]
     if buffer is None or buffer.shape[dim] < needed:
         shape = list(new.shape)
-        shape[dim] = max(needed, 2 * (buffer.shape[dim] if buffer is not None else 0))
+        shape[dim] = max(needed, capacity, 2 * (buffer.shape[dim] if buffer is not None else 0))
         grown = new.new_empty(shape)
         if used:
             grown.narrow(dim, 0, used).copy_(buffer.narrow(dim, 0, used))

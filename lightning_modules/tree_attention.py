@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 TREE_ATTENTION = "lora_explain_prefix_tree"
-BLOCK_ROWS = 64  # query rows per block: smaller blocks read fewer masked keys but make more, smaller products
+BLOCK_ROWS = 32  # query rows per block: smaller blocks read fewer masked keys but make more, smaller products
 
 
 @dataclass
@@ -77,10 +77,8 @@ def tree_attention_forward(
     q = q.view(heads, blocks, plan.block_rows, dim).transpose(0, 1)
     k = key[0].index_select(1, plan.columns).view(kv_heads, blocks, width, dim).transpose(0, 1)
     v = value[0].index_select(1, plan.columns).view(kv_heads, blocks, width, dim).transpose(0, 1)
-    if heads != kv_heads:  # grouped-query attention: each key head serves heads // kv_heads query heads
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=scaling)
+    # grouped-query attention: query head h reads key head h // (heads // kv_heads), without copying the keys
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=scaling, enable_gqa=heads != kv_heads)
     out = out.permute(0, 2, 1, 3).reshape(1, blocks * plan.block_rows, heads, dim)[:, :rows]
     return out, None
 
