@@ -155,6 +155,11 @@ class LabelProbabilities:
         self.prefix_cache: PrefixCache | None = None
         self.evaluations = 0
 
+    @property
+    def remembers(self) -> bool:
+        """Whether calls inside `remembering()` reuse the prefixes earlier calls computed."""
+        return self.use_prefix_cache and self.share_prefixes
+
     def _ensure_prefix_cache(self) -> None:
         if self.use_prefix_cache and self.prefix_cache is None:
             with self.state():
@@ -277,14 +282,64 @@ def explain_tweet(
         texts = [str(t) for t in texts]
         return np.concatenate([value_functions[name](texts) for name in names], axis=1)
 
+    remembering = all(getattr(function, "remembers", False) for function in value_functions.values())
     with contextlib.ExitStack() as stack:
         for function in value_functions.values():
             if hasattr(function, "remembering"):
                 stack.enter_context(function.remembering())
-        return _explain_tweet(text, joint, names, masker, max_evals, seed)
+        return _explain_tweet(text, joint, names, masker, max_evals, seed, score_openings=remembering)
 
 
-def _explain_tweet(text: str, joint: Callable, names: list[str], masker: TweetMasker, max_evals: int, seed: int):
+def opening_coalitions(masker: TweetMasker, text: str, max_evals: int) -> list[str]:
+    """The masked tweets the Partition explainer asks for first, whatever the model says: the empty and the full
+    tweet, then every round whose queue it empties (each group split in both contexts), up to the first round that
+    must choose by priority (`MASKS_PER_ROUND`) or would pass the budget.
+
+    Scored together as one prefix tree before the explainer starts, the explainer's own first calls (one forward
+    each, over tiny batches) then find every prefix remembered. If this list ever differed from shap's requests, the
+    cost would be a wasted forward, never a wrong value: the values always come from the explainer's own calls.
+    """
+    clustering = np.asarray(masker.clustering(text))
+    n_tokens = len(clustering) + 1
+    leaves: dict[int, np.ndarray] = {}
+
+    def group(node: int) -> np.ndarray:
+        if node not in leaves:
+            members = np.zeros(n_tokens, dtype=bool)
+            if node < n_tokens:
+                members[node] = True
+            else:
+                left, right = clustering[node - n_tokens, :2].astype(int)
+                members = group(left) | group(right)
+            leaves[node] = members
+        return leaves[node]
+
+    masks = [np.zeros(n_tokens, dtype=bool), np.ones(n_tokens, dtype=bool)]
+    queue = [(masks[0], 2 * n_tokens - 2)]  # (context, group to split), as the explainer queues them
+    evaluated = 0
+    while queue:
+        internal = [(context, node) for context, node in queue if node >= n_tokens]
+        if not internal or 2 * len(internal) > MASKS_PER_ROUND or evaluated + 2 * len(internal) > max_evals - 2:
+            break
+        queue = []
+        for context, node in internal:
+            left, right = clustering[node - n_tokens, :2].astype(int)
+            with_left, with_right = context | group(left), context | group(right)
+            masks += [with_left, with_right]
+            queue += [(context, left), (context, right), (with_right, left), (with_left, right)]
+        evaluated += 2 * len(internal)
+    return [mask_tweet(masker, text, keep) for keep in masks]
+
+
+def _explain_tweet(
+    text: str,
+    joint: Callable,
+    names: list[str],
+    masker: TweetMasker,
+    max_evals: int,
+    seed: int,
+    score_openings: bool = False,
+):
     segments = [str(segment) for segment in masker.data_transform(text)[0]]
     feature_names = [str(name) for name in masker.feature_names(text)[0]]
     if not segments:
@@ -295,6 +350,8 @@ def _explain_tweet(text: str, joint: Callable, names: list[str], masker: TweetMa
         values, evals_used, evals_exact = (full - base)[None, :], 2, 2
         shared = np.zeros_like(full)
     else:
+        if score_openings:
+            joint(opening_coalitions(masker, text, max_evals))  # one forward; the explainer's first calls reuse it
         explainer = shap.explainers.Partition(joint, masker)
         with _seeded_numpy(seed):
             explanation = explainer([text], max_evals=max_evals, batch_size=MASKS_PER_ROUND, silent=True)

@@ -176,6 +176,36 @@ def test_additivity_and_the_budget(encoder, base_model):
         assert explained["evals_used"] == explained["evals_for_exact_owen"]  # a large budget is not all spent
 
 
+def test_opening_coalitions_are_the_explainers_first_requests(encoder, base_model):
+    """What is scored ahead in one forward is exactly what the explainer asks for first, in any budget; scoring it
+    ahead changes no value beyond float rounding."""
+    from analysis.shap_explain import MASKS_PER_ROUND, opening_coalitions
+
+    masker = tweet_masker(encoder)
+    text = max(TWEETS, key=lambda t: len(encoder.tweet_ids(t)))
+    value = LabelProbabilities(base_model, encoder, batch_size=8)
+    plain = LabelProbabilities(
+        base_model, encoder, batch_size=8, share_prefixes=False
+    )  # does not remember: no lookahead
+    assert value.remembers and not plain.remembers
+    for max_evals in (6, 12, 200):
+        requests: list[list[str]] = []
+
+        def recording(texts, requests=requests):
+            requests.append([str(t) for t in texts])
+            return plain(texts)
+
+        explained = explain_tweet(text, {"m": recording}, masker, max_evals)  # records shap's calls, in order
+        opening = opening_coalitions(masker, text, max_evals)
+        asked = [t for call in requests for t in call]
+        # the first requests (a round's order follows the priorities, its set does not), and none past the budget
+        assert sorted(asked[: len(opening)]) == sorted(opening)
+        assert len(opening) <= max(max_evals, 2) and len(opening) >= min(max_evals, 4)
+        assert max(len(call) for call in requests) <= MASKS_PER_ROUND
+        ahead = explain_tweet(text, {"m": value}, masker, max_evals)
+        np.testing.assert_allclose(ahead["models"]["m"]["values"], explained["models"]["m"]["values"], atol=1e-6)
+
+
 # ---- model states -----------------------------------------------------------------------------------------------
 def test_zero_shot_differs_from_fine_tuned_and_is_the_plain_base_model(encoder, tiny_model_dir, base_model):
     torch.manual_seed(0)
