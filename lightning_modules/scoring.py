@@ -135,7 +135,7 @@ class PrefixCache:
     def forget(self) -> None:
         """Drop the remembered continuation prefixes (the instruction's states stay).
 
-        The buffers stay allocated and are overwritten by the next job: faulting a few hundred fresh megabytes in again
+        The buffers stay allocated and are overwritten by the next job: faulting tens of fresh megabytes in again
         for every explained tweet costs more time than keeping them.
         """
         self.slots: dict[tuple[int, ...], int] = {}  # continuation prefix -> its index in the buffers
