@@ -173,7 +173,7 @@ class LabelProbabilities:
         Scoped to one tweet so that every tweet's values are computed the same way whichever tweets came before
         (resumed and sharded runs stay byte-identical to a straight run).
         """
-        if not (self.use_prefix_cache and self.share_prefixes):
+        if not self.remembers:
             yield
             return
         self._ensure_prefix_cache()

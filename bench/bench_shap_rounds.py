@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import analysis.shap_explain as shap_explain  # noqa: E402
+from analysis.explanation_stats import paired_example_statistics  # noqa: E402
 from analysis.shap_explain import (  # noqa: E402
     LabelProbabilities,
     evals_for_exact_owen,
@@ -66,12 +66,12 @@ def measure(examples: int = 16, max_evals: int = 200, rounds: tuple[int, ...] = 
         for size in rounds:
             values, seconds = values_with_round(function, masker, text, max_evals, size)
             values = values[:, target]
-            top = set(np.argsort(-np.abs(values))[:5]) & set(np.argsort(-np.abs(exact))[:5])
+            agreement = paired_example_statistics(values, exact)  # the analysis's own top-k overlap and Spearman
             rows[size].append(
                 {
                     "relative_l2_error": float(np.linalg.norm(values - exact) / np.linalg.norm(exact)),
-                    "spearman": float(spearmanr(values, exact).statistic),
-                    "top5_overlap": len(top) / 5,
+                    "spearman": agreement["spearman"],
+                    "top5_overlap": agreement["top5_overlap"],
                     "seconds": seconds,
                     "tokens": len(values),
                     "evals_for_exact_owen": exact_evals,
