@@ -2,7 +2,7 @@
 
 import sys
 
-from scripts.analyze import main
+from analysis.commands import analyze_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(analyze_main())

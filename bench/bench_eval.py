@@ -11,7 +11,7 @@ reference:  the original recipe, `model.generate(max_new_tokens=1, output_scores
             This is the fair speed baseline.
 original:   with `--right-padded`, the original's right-padded variant, to show how many predictions it changes.
 k-shot:     with `--shots K`, prompts with K demonstrations in the fixed prefix (`--data.num_demonstrations K`),
-            scored by `score_prompts` with the prefix cache and by the same call with `use_prefix_cache=False`.
+            scored by a `LabelScorer` with the prefix cache (`prefix_cache` mode) and by one in `padded` mode.
 
 Columns: wall seconds (fastest pass), examples/s, speed-up over the left-padded reference (k-shot: over the uncached
 scoring), the same for process CPU seconds (steadier when other jobs share the machine), tokens run (decoder
@@ -39,11 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.evaluation import make_predict_trainer, score_eval_split  # noqa: E402
+from analysis.configuration import load_run  # noqa: E402
+from analysis.evaluation.run import make_predict_trainer, score_eval_split  # noqa: E402
 from bench.accounting import PeakMemory, WorkCounter  # noqa: E402
 from datamodules import TweetSentimentDataModule  # noqa: E402
-from lightning_modules.scoring import score_prompts  # noqa: E402
-from scripts.cli import build_from_config  # noqa: E402
+from lightning_modules.scoring import LabelScorer  # noqa: E402
 
 TARGET = 4.0  # issue 7: evaluation >= 4x the reference's examples/s
 
@@ -134,7 +134,8 @@ def measure(
 ) -> dict:
     """Rows for ours, the reference and (optionally) the right-padded original and k-shot cached / uncached."""
     overrides = ["--data.eval_subset", str(examples), "--data.eval_batch_size", str(batch_size)]
-    datamodule, module = build_from_config(config, overrides + ["--model.dtype", dtype])
+    run = load_run(["--config", config, *overrides, "--model.dtype", dtype])
+    datamodule, module = run.datamodule, run.module
     module.eval()
     datamodule.setup("predict")  # encode prompts before timing: tokenisation is excluded from every path
     encoder = datamodule.encoder
@@ -145,7 +146,7 @@ def measure(
     counter = WorkCounter(module.backbone, lora_active=False)  # every path reads the adapter-disabled model
 
     def generated(left: bool):
-        with module.zero_shot():
+        with module.adapter(False):
             return softmax(generate_label_scores(module.backbone, prompts, label_ids, batch_size, pad, left))
 
     ours = TimedPath(
@@ -164,10 +165,8 @@ def measure(
     # Warm both code paths up (allocator, threads, lazy init); the repeats also absorb Lightning's first-call setup
     # and the kernels created on the first use of each shape (bf16 on AMX: noticeably slow).
     generate_label_scores(module.backbone, prompts[:2], label_ids, 2, pad, left=True)
-    with module.zero_shot():
-        score_prompts(
-            module.backbone, encoder.prefix_ids, [p[len(encoder.prefix_ids) :] for p in prompts[:2]], label_ids
-        )
+    with module.adapter(False):
+        LabelScorer(module.backbone, encoder.prefix_ids, label_ids)([p[len(encoder.prefix_ids) :] for p in prompts[:2]])
     with counter:
         for _ in range(repeats):  # alternate, so a burst of load elsewhere does not hit one path only
             for path in timed:
@@ -213,21 +212,20 @@ def k_shot_rows(module, datamodule, shots: int, batch_size: int, repeats: int) -
     counter = WorkCounter(module.backbone, lora_active=False)
 
     def scored(use_prefix_cache: bool, prompts=continuations):
-        with module.zero_shot():
-            return score_prompts(
-                module.backbone,
-                encoder.prefix_ids,
-                prompts,
-                encoder.label_token_ids,
-                batch_size=batch_size,
-                use_prefix_cache=use_prefix_cache,
-                pad_token_id=pad,
-            ).probabilities
+        # A new scorer per pass: each pass pays for its own prefix, as a fresh evaluation would.
+        scorer = LabelScorer(
+            module.backbone,
+            encoder.prefix_ids,
+            encoder.label_token_ids,
+            mode="prefix_cache" if use_prefix_cache else "padded",
+            batch_size=batch_size,
+            pad_token_id=pad,
+            state=lambda: module.adapter(False),
+        )
+        return scorer(prompts).probabilities
 
-    cached = TimedPath(f"k{shots}_cache", f"k={shots}: score_prompts, prefix cache", lambda: scored(True), counter)
-    uncached = TimedPath(
-        f"k{shots}_no_cache", f"k={shots}: same, use_prefix_cache=False", lambda: scored(False), counter
-    )
+    cached = TimedPath(f"k{shots}_cache", f"k={shots}: LabelScorer, prefix cache", lambda: scored(True), counter)
+    uncached = TimedPath(f"k{shots}_no_cache", f"k={shots}: same, padded (no cache)", lambda: scored(False), counter)
     for use_prefix_cache in (True, False):  # warm-up, untimed
         scored(use_prefix_cache, continuations[:2])
     with counter:

@@ -1,7 +1,7 @@
 """SHAP speed: ours vs the original recipe, on the embedded default, at the same max_evals, in one run.
 
 ours      Partition explainer over the tweet's tokens only; masked tweets scored in batches through the shared
-          instruction KV cache, lm_head at the label position only (analysis.shap_explain)
+          instruction KV cache, lm_head at the label position only (analysis.explanation.shap_values)
 original  plain `shap.Explainer(f, shap.maskers.Text(tokenizer))` over the whole prompt string, f = a full forward
           of every padded prompt with logits at all positions (shap's default batching)
 reference our value function without the prefix cache (full prompts, other batch size): the values must agree
@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.shap_explain import LabelProbabilities, explain_tweet, normalize_tweet, tweet_masker  # noqa: E402
+from analysis.explanation.shap_values import LabelProbabilities, explain_tweet, normalize_tweet, tweet_masker  # noqa: E402
 from bench.accounting import PeakMemory, WorkCounter  # noqa: E402
 from datamodules import TweetSentimentDataModule  # noqa: E402
+from foundation.embedded_model import EMBEDDED_MODEL  # noqa: E402
 from lightning_modules.backbone import load_causal_lm  # noqa: E402
-from lightning_modules.embedded_model import EMBEDDED_MODEL  # noqa: E402
 
 TARGET = 5.0  # issue 7: SHAP >= 5x faster per explained tweet than the original recipe
 
@@ -117,10 +117,8 @@ def measure(
     model = load_causal_lm(EMBEDDED_MODEL, quantize_4bit=False, dtype=dtype).eval()
     texts = [normalize_tweet(e.text) for e in datamodule.eval_examples[skip : skip + examples]]
 
-    ours = LabelProbabilities(model, encoder, batch_size)
-    uncached = LabelProbabilities(
-        model, encoder, max(1, batch_size // 2 - 1), use_prefix_cache=False, share_prefixes=False
-    )
+    ours = LabelProbabilities.for_model(model, encoder, batch_size)
+    uncached = LabelProbabilities.for_model(model, encoder, max(1, batch_size // 2 - 1), mode="padded")
     masker = tweet_masker(encoder)
     original_f = FullPromptFunction(model, tokenizer, encoder.label_token_ids)
     original_explainer = shap.Explainer(original_f, shap.maskers.Text(tokenizer), algorithm="partition")

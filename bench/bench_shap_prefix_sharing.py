@@ -1,7 +1,8 @@
 """SHAP value function with and without prefix sharing, on the embedded default, alternating in one process.
 
-padded   score_prompts as before: masked tweets in length-sorted batches of 16, right-padded, on the instruction cache
-tree     score_prompts(share_prefixes=True) with a prefix cache that remembers nothing: lexicographically adjacent
+padded   a `prefix_cache` LabelScorer: masked tweets in length-sorted batches of 16, right-padded, on the
+         instruction cache
+tree     a `prefix_tree` LabelScorer with a prefix cache that remembers nothing: lexicographically adjacent
          masked tweets merged into one prefix tree (at most 16 x the longest one's nodes) and run as one sequence
          with a tree attention mask: every distinct prefix of the call once, no pads
 shared   the same, with the prefix cache remembering computed prefixes across the explainer's calls for the tweet
@@ -30,14 +31,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.shap_explain import explain_tweet, normalize_tweet, tweet_masker  # noqa: E402
+from analysis.explanation.shap_values import explain_tweet, normalize_tweet, tweet_masker  # noqa: E402
 from datamodules import TweetSentimentDataModule  # noqa: E402
+from foundation.embedded_model import EMBEDDED_MODEL  # noqa: E402
 from lightning_modules.backbone import load_causal_lm  # noqa: E402
-from lightning_modules.embedded_model import EMBEDDED_MODEL  # noqa: E402
-from lightning_modules.scoring import PrefixCache, score_prompts  # noqa: E402
+from lightning_modules.scoring import LabelScorer, PrefixCache  # noqa: E402
 
 BATCH_SIZE = 16
-VARIANTS = {"padded": (False, 0), "tree": (True, 0), "shared": (True, 4096)}  # share_prefixes, max_remembered
+VARIANTS = {
+    "padded": ("prefix_cache", 0),
+    "tree": ("prefix_tree", 0),
+    "shared": ("prefix_tree", 4096),
+}  # mode, max_remembered
 
 
 class PositionCounter:
@@ -52,27 +57,28 @@ class PositionCounter:
 
 
 class ValueFunction:
-    """Masked tweets -> label probabilities through score_prompts, with its own fresh instruction cache; remembers
+    """Masked tweets -> label probabilities through a LabelScorer, with its own fresh instruction cache; remembers
     every output."""
 
-    def __init__(self, model, encoder, share_prefixes: bool, max_remembered: int):
-        self.model, self.encoder, self.share_prefixes = model, encoder, share_prefixes
+    def __init__(self, model, encoder, mode: str, max_remembered: int):
+        self.encoder = encoder
+        self.scorer = LabelScorer(
+            model,
+            encoder.prefix_ids,
+            encoder.label_token_ids,
+            mode=mode,
+            batch_size=BATCH_SIZE,
+            pad_token_id=encoder.tokenizer.pad_token_id or 0,
+        )
         device = next(model.parameters()).device
-        self.cache = PrefixCache(model, encoder.prefix_ids, device, max_remembered=max_remembered)
+        self.cache = self.scorer.prefix_cache = PrefixCache(
+            model, encoder.prefix_ids, device, max_remembered=max_remembered
+        )
         self.outputs: dict[str, np.ndarray] = {}
 
     def __call__(self, texts) -> np.ndarray:
         texts = [str(t) for t in texts]
-        scores = score_prompts(
-            self.model,
-            self.encoder.prefix_ids,
-            [self.encoder.continuation(t) for t in texts],
-            self.encoder.label_token_ids,
-            batch_size=BATCH_SIZE,
-            pad_token_id=self.encoder.tokenizer.pad_token_id or 0,
-            prefix_cache=self.cache,
-            share_prefixes=self.share_prefixes,
-        )
+        scores = self.scorer([self.encoder.continuation(t) for t in texts])
         self.outputs.update(zip(texts, scores.probabilities))
         return scores.probabilities
 
@@ -178,18 +184,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in runs:
             function = ValueFunction(model, encoder, *VARIANTS[name])
-            scores[name], elapsed, counts[name] = measure(
-                clock,
-                counter,
-                score_prompts,
-                model,
-                encoder.prefix_ids,
-                prompts,
-                encoder.label_token_ids,
-                batch_size=BATCH_SIZE,
-                prefix_cache=function.cache,
-                share_prefixes=VARIANTS[name][0],
-            )
+            scores[name], elapsed, counts[name] = measure(clock, counter, function.scorer, prompts)
             runs[name].append(elapsed)
     median = {name: float(np.median(times)) for name, times in runs.items()}
     error = np.abs(scores["padded"].probabilities - scores["tree"].probabilities).max()

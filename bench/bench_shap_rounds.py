@@ -23,18 +23,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import analysis.shap_explain as shap_explain  # noqa: E402
-from analysis.explanation_stats import paired_example_statistics  # noqa: E402
-from analysis.shap_explain import (  # noqa: E402
+import analysis.explanation.shap_values as shap_explain  # noqa: E402
+from analysis.explanation.shap_values import (  # noqa: E402
     LabelProbabilities,
     evals_for_exact_owen,
     explain_tweet,
     normalize_tweet,
     tweet_masker,
 )
+from analysis.statistics.explanations import paired_example_statistics  # noqa: E402
 from datamodules import TweetSentimentDataModule  # noqa: E402
+from foundation.embedded_model import EMBEDDED_MODEL  # noqa: E402
 from lightning_modules.backbone import load_causal_lm  # noqa: E402
-from lightning_modules.embedded_model import EMBEDDED_MODEL  # noqa: E402
 
 
 def values_with_round(function, masker, text: str, max_evals: int, masks_per_round: int) -> tuple[np.ndarray, float]:
@@ -52,7 +52,7 @@ def measure(examples: int = 16, max_evals: int = 200, rounds: tuple[int, ...] = 
     datamodule = TweetSentimentDataModule(eval_subset=500)
     encoder = datamodule.encoder
     model = load_causal_lm(EMBEDDED_MODEL, quantize_4bit=False, dtype="float32").eval()
-    function = LabelProbabilities(model, encoder)
+    function = LabelProbabilities.for_model(model, encoder)
     masker = tweet_masker(encoder)
     texts = [normalize_tweet(e.text) for e in datamodule.eval_examples]
     texts = [t for t in texts if len(masker.data_transform(t)[0]) > 2 * 10][:examples]  # long enough to be budgeted

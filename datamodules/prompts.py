@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_modules.errors import UserInputError
+from foundation.errors import UserInputError
 
 PROMPT_STYLES = ("words", "seed-digits")
 

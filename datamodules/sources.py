@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.embedded_tweets import EMBEDDED_DATASET, TEST_FRACTION, load_embedded_tweets, stratified_split
-from lightning_modules.errors import UserInputError
+from foundation.errors import UserInputError
 
 LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

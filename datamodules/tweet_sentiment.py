@@ -14,11 +14,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.embedded_tweets import EMBEDDED_DATASET
 from datamodules.prompts import PromptEncoder, sample_demonstrations
 from datamodules.sources import infer_label_names, load_raw_splits, require_columns, require_split
-from lightning_modules.backbone import load_tokenizer, resolve_token
-from lightning_modules.embedded_model import EMBEDDED_MODEL
-from lightning_modules.errors import UserInputError
+from foundation.embedded_model import EMBEDDED_MODEL
+from foundation.errors import UserInputError
+from foundation.hub import load_tokenizer, resolve_token
 
 IGNORE_INDEX = -100
+# The original experiment's sizes and seed; the one definition of these defaults (configs and commands read them).
+DEFAULT_TRAIN_SUBSET = 2000
+DEFAULT_EVAL_SUBSET = 1000
+DEFAULT_SEED = 42
 
 
 @dataclass(frozen=True)
@@ -122,9 +126,9 @@ class TweetSentimentDataModule(L.LightningDataModule):
         label_field: str = "label",
         label_space: list[str] | None = None,
         class_names: list[str] | None = None,
-        train_subset: int | None = 2000,
-        eval_subset: int | None = 1000,
-        seed: int = 42,
+        train_subset: int | None = DEFAULT_TRAIN_SUBSET,
+        eval_subset: int | None = DEFAULT_EVAL_SUBSET,
+        seed: int = DEFAULT_SEED,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         max_seq_length: int = 512,

@@ -1,5 +1,4 @@
 from lightning_modules.classifier import LoRASentimentClassifier
-from lightning_modules.errors import UserInputError
 from lightning_modules.export_adapter import ExportAdapter
 
-__all__ = ["ExportAdapter", "LoRASentimentClassifier", "UserInputError"]
+__all__ = ["ExportAdapter", "LoRASentimentClassifier"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.errors import UserInputError
-from lightning_modules.export_adapter import CLASSIFICATION_FILE
+from foundation.errors import UserInputError
+from foundation.output_names import CLASSIFICATION_FILE
 
 # What an adapter was trained with that must hold again when it is evaluated or explained.
 PROMPT_KEYS = (

@@ -18,10 +18,11 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from lightning_modules.backbone import attach_lora, load_causal_lm, resolve_token, use_4bit
-from lightning_modules.embedded_model import EMBEDDED_MODEL
-from lightning_modules.errors import UserInputError
-from lightning_modules.scoring import PrefixCache, logits_at_positions, score_prompts
+from foundation.embedded_model import EMBEDDED_MODEL
+from foundation.errors import UserInputError
+from foundation.hub import resolve_token
+from lightning_modules.backbone import attach_lora, load_causal_lm, use_4bit
+from lightning_modules.scoring import LabelScorer, logits_at_positions
 
 
 def _metrics(num_classes: int) -> MetricCollection:
@@ -97,9 +98,10 @@ class LoRASentimentClassifier(L.LightningModule):
             gradient_checkpointing=checkpointing,
         )
         # Checkpoints carry only the LoRA weights; the frozen base is reloaded from model_name.
-        self.use_adapter = True
-        self._prefix_cache = None
-        self._prefix_cache_ids: list[int] = []
+        self._adapter_enabled = True
+        self._scorers: dict[
+            tuple[int, ...], LabelScorer
+        ] = {}  # predict's scorer per prompt prefix (k-shot has its own)
         self.backbone.train()  # from_pretrained returns eval mode; LoRA dropout must be active in fit
         self.strict_loading = False
         num_classes = len(self.label_names)
@@ -113,10 +115,21 @@ class LoRASentimentClassifier(L.LightningModule):
 
     # ---- forward ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def zero_shot(self) -> Iterator[None]:
-        """The true base model: LoRA disabled (peft injects it in place, so a plain forward would include it)."""
-        with self.backbone.disable_adapter():
+    def adapter(self, enabled: bool) -> Iterator[None]:
+        """The one switch of the LoRA adapter: inside `with module.adapter(False):` the module is the true base model
+        (the zero-shot model; peft injects LoRA in place, so a plain forward would include it). Evaluation, SHAP and
+        prediction all read a model through this."""
+        if enabled == self._adapter_enabled:
             yield
+            return
+        if enabled:
+            raise RuntimeError("the adapter cannot be enabled inside a block that disabled it")
+        with self.backbone.disable_adapter():
+            self._adapter_enabled = False
+            try:
+                yield
+            finally:
+                self._adapter_enabled = True
 
     def label_position_logits(self, batch: dict) -> torch.Tensor:
         """Full-vocabulary logits at the position that predicts the label token, (batch, vocab)."""
@@ -157,30 +170,24 @@ class LoRASentimentClassifier(L.LightningModule):
         self._eval_step(batch, self.test_metrics, self.test_loss, "test")
 
     def on_predict_epoch_start(self) -> None:
-        self._prefix_cache = None  # the adapter may have been toggled or reloaded since the last predict
+        self._scorers = {}  # the adapter may have been switched or reloaded since the last predict
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Label-token scores through the shared prefix cache; set `use_adapter = False` for the zero-shot model."""
+        """Label-token scores, the prompt prefix computed once; run `trainer.predict` inside `module.adapter(False)`
+        for the zero-shot model."""
         prefix_length = int(batch["prefix_length"][0])
         if not bool((batch["prefix_length"] == prefix_length).all()):
             raise ValueError("a predict batch mixes prompt prefixes")
-        prefix = batch["input_ids"][0, :prefix_length].tolist()
+        prefix = tuple(batch["input_ids"][0, :prefix_length].tolist())
         continuations = [
             row[prefix_length:position].tolist() for row, position in zip(batch["input_ids"], batch["label_position"])
         ]
-        context = contextlib.nullcontext() if self.use_adapter else self.zero_shot()
-        with context:
-            if self._prefix_cache is None or self._prefix_cache_ids != prefix:
-                self._prefix_cache = PrefixCache(self.backbone, prefix, self.device)
-                self._prefix_cache_ids = prefix
-            scores = score_prompts(
-                self.backbone,
-                prefix,
-                continuations,
-                self.label_token_ids.tolist(),
-                batch_size=len(continuations),
-                prefix_cache=self._prefix_cache,
+        if prefix not in self._scorers:
+            # The first batch of an epoch is the largest: every batch then runs as one forward.
+            self._scorers[prefix] = LabelScorer(
+                self.backbone, prefix, self.label_token_ids.tolist(), batch_size=len(continuations)
             )
+        scores = self._scorers[prefix](continuations)
         return {
             "index": batch["index"].cpu().numpy(),
             "class_index": batch["class_index"].cpu().numpy(),

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
 
-from lightning_modules.embedded_model import current_umask
-
-ADAPTER_DIR = "lora_adapter"
-CLASSIFICATION_FILE = "classification.json"
+from foundation.atomic_files import atomic_folder
+from foundation.output_names import ADAPTER_DIR, CLASSIFICATION_FILE
 
 
 def write_adapter(module, directory: Path, prompt: dict | None = None) -> Path:
     """Atomically write `module.backbone`'s adapter (peft `save_pretrained`) plus the label/prompt it expects."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should read like any folder
-    try:
+    with atomic_folder(directory) as staging:
         module.backbone.save_pretrained(staging)
         config_path = staging / "adapter_config.json"
         config = json.loads(config_path.read_text())
@@ -36,16 +28,6 @@ def write_adapter(module, directory: Path, prompt: dict | None = None) -> Path:
             **(prompt or {}),
         }
         (staging / CLASSIFICATION_FILE).write_text(json.dumps(meta, indent=2))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

@@ -1,9 +1,9 @@
 """The one place that turns prompts into label-token probabilities.
 
-Training, evaluation, SHAP and faithfulness all go through `logits_at_positions` / `score_prompts`, so every number
-the toolkit reports reads the same position of the same model.
+Training goes through `logits_at_positions`; evaluation, SHAP and faithfulness through a `LabelScorer` (one per model
+and prompt), so every number the toolkit reports reads the same position of the same model.
 
-`score_prompts(..., share_prefixes=True)` merges continuations that start with the same tokens (SHAP's masked variants
+A `LabelScorer` in `prefix_tree` mode merges continuations that start with the same tokens (SHAP's masked variants
 of one tweet do) into a prefix tree and runs each tree as one sequence: every distinct prefix is computed once, and
 no pad is computed at all. A tree-shaped attention mask lets each token see the instruction and its own ancestors
 only, at the position it has in its own prompt, so each token's state is the one a separate forward of its prompt
@@ -11,14 +11,14 @@ computes (equal up to float rounding). The attention reads, per block of nodes, 
 (`lightning_modules.tree_attention`), so a large tree pays no attention over the pairs its mask rules out. Inside
 `PrefixCache.remembering()` later calls also reuse the prefixes earlier calls computed (the explainer's rounds over
 one tweet). It pays where prompts share prefixes (2.3-2.5x less CPU time per explained tweet,
-bench/bench_shap_prefix_sharing.py); on unrelated prompts it saves only the pads, so it is off by default.
+bench/bench_shap_prefix_sharing.py); on unrelated prompts it saves only the pads, so evaluation uses `prefix_cache`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +88,7 @@ class LabelScores:
 class PrefixCache:
     """Key/value states of the instruction prefix shared by every prompt, computed once per model state.
 
-    Inside `with cache.remembering():` (or with `max_remembered > 0`), `score_prompts(..., share_prefixes=True)` also
+    Inside `with cache.remembering():` (or with `max_remembered > 0`), a `prefix_tree` `LabelScorer` also
     keeps here the continuation prefixes it computes (their key/value states and final hidden states), and later
     calls reuse them: the explainer asks for masked variants of the same tweet round after round (about 2,000
     distinct prefixes per tweet at max_evals 200). Past `max_remembered` it forgets them all and starts over.
@@ -301,67 +301,116 @@ def tree_logits(
     return _head_logits(causal_lm, torch.cat(hidden).index_select(0, ends), token_ids)
 
 
-@torch.no_grad()
-def score_prompts(
-    model,
-    prefix_ids: Sequence[int],
-    continuations: Sequence[Sequence[int]],
-    label_token_ids: Sequence[int],
-    batch_size: int = 16,
-    use_prefix_cache: bool = True,
-    pad_token_id: int = 0,
-    prefix_cache: PrefixCache | None = None,
-    share_prefixes: bool = False,
-    full_vocabulary: bool = True,
-) -> LabelScores:
-    """Label-token probabilities for prompts `prefix_ids + continuation` (the continuation ends at the label position).
+SCORING_MODES = ("padded", "prefix_cache", "prefix_tree")
+HEADS = ("full", "labels")
 
-    Prompts are scored in length-sorted batches, right-padded (pads come after the read position, so causal attention
-    never sees them). With `use_prefix_cache` the shared prefix is run once and its key/value states reused.
-    With `share_prefixes` each batch is instead lexicographically adjacent prompts merged into one `PrefixTree` of at
-    most `batch_size` x the longest prompt's length nodes (what a padded batch holds), run as one sequence, reusing
-    and adding to the prefixes `prefix_cache` remembers (see `PrefixCache`); models whose attention takes no custom
-    mask fall back to padded batches.
-    `full_vocabulary=False` applies the lm_head to the label tokens only (a value function needs nothing else), and
-    leaves `label_space_mass` and `top_token_is_label` None.
-    The caller chooses the model state (adapter enabled or disabled, train or eval mode).
+
+class LabelScorer:
+    """Label-token probabilities of one model in one state, for prompts `prefix_ids + continuation`: built once per
+    model (and prompt), then called on batches of continuations (each ends at the position that predicts the label).
+
+    `mode`:
+    - `padded`: whole prompts in length-sorted, right-padded batches (pads come after the read position, so causal
+      attention never sees them): the plain forward, the reference.
+    - `prefix_cache`: the prefix's key/value states computed once (on first use) and reused by every batch.
+    - `prefix_tree`: on top of the prefix cache, lexicographically adjacent continuations merged into one `PrefixTree`
+      of at most `batch_size` x the longest prompt's length nodes (what a padded batch holds), run as one sequence;
+      inside `remembering()` later calls reuse the prefixes earlier ones computed (see `PrefixCache`). Models whose
+      attention takes no custom mask fall back to `prefix_cache`.
+    `head`: `full` applies the lm_head to the whole vocabulary (so `label_space_mass` and `top_token_is_label` are
+    known); `labels` computes the label rows only (a value function needs nothing else) and leaves those None.
+    `state` is entered around every forward, the prefix's included (e.g. `lambda: module.adapter(False)`), so a
+    scorer always reads the model it was built for; without it the caller's state is used.
     """
-    if any(len(c) == 0 for c in continuations):
-        raise ValueError("every continuation needs at least one token (the label position)")
-    device = _device_of(model)
-    label_ids = torch.tensor(list(label_token_ids), dtype=torch.long, device=device)
-    if use_prefix_cache and prefix_cache is None and len(prefix_ids) > 0:
-        prefix_cache = PrefixCache(model, prefix_ids, device)
-    n = len(continuations)
-    probabilities = np.zeros((n, len(label_ids)), dtype=np.float64)
-    mass = np.zeros(n, dtype=np.float64) if full_vocabulary else None
-    top_is_label = np.zeros(n, dtype=bool) if full_vocabulary else None
-    head_ids = None if full_vocabulary else label_ids
-    sequences = [list(c) if prefix_cache else list(prefix_ids) + list(c) for c in continuations]
-    if share_prefixes and supports_prefix_sharing(model):
-        batches = _tree_batches(sequences, batch_size)
-    else:
-        share_prefixes = False
-        order = sorted(range(n), key=lambda i: len(sequences[i]))
-        batches = [order[start : start + batch_size] for start in range(0, n, batch_size)]
-    for rows in batches:
+
+    def __init__(
+        self,
+        model,
+        prefix_ids: Sequence[int],
+        label_token_ids: Sequence[int],
+        mode: str = "prefix_cache",
+        head: str = "full",
+        batch_size: int = 16,
+        pad_token_id: int = 0,
+        state: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
+        if mode not in SCORING_MODES or head not in HEADS:
+            raise ValueError(f"mode must be one of {SCORING_MODES} and head one of {HEADS}, got {mode!r}, {head!r}")
+        if mode == "prefix_tree" and not supports_prefix_sharing(model):
+            mode = "prefix_cache"
+        self.model = model
+        self.prefix_ids = list(prefix_ids)
+        self.label_token_ids = list(label_token_ids)
+        self.mode, self.head = mode, head
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+        self.state = state
+        self.prefix_cache: PrefixCache | None = None
+
+    @property
+    def remembers(self) -> bool:
+        """Whether calls inside `remembering()` reuse the prefixes earlier calls computed."""
+        return self.mode == "prefix_tree" and bool(self.prefix_ids)
+
+    def _cache(self) -> PrefixCache | None:
+        if self.mode != "padded" and self.prefix_cache is None and self.prefix_ids:
+            with self.state():
+                self.prefix_cache = PrefixCache(self.model, self.prefix_ids, _device_of(self.model))
+        return self.prefix_cache
+
+    @contextlib.contextmanager
+    def remembering(self) -> Iterator[None]:
+        """Reuse computed continuation prefixes across calls inside the block (one job, e.g. one tweet's
+        explanation); forgotten on entry and exit, so every job is computed the same way whatever ran before."""
+        if not self.remembers:
+            yield
+            return
+        with self._cache().remembering():
+            yield
+
+    @torch.no_grad()
+    def __call__(self, continuations: Sequence[Sequence[int]]) -> LabelScores:
+        if any(len(c) == 0 for c in continuations):
+            raise ValueError("every continuation needs at least one token (the label position)")
+        prefix_cache = self._cache()
+        with self.state():
+            return self._score(continuations, prefix_cache)
+
+    def _score(self, continuations: Sequence[Sequence[int]], prefix_cache: PrefixCache | None) -> LabelScores:
+        model, batch_size = self.model, self.batch_size
+        device = _device_of(model)
+        label_ids = torch.tensor(self.label_token_ids, dtype=torch.long, device=device)
+        full_vocabulary = self.head == "full"
+        n = len(continuations)
+        probabilities = np.zeros((n, len(label_ids)), dtype=np.float64)
+        mass = np.zeros(n, dtype=np.float64) if full_vocabulary else None
+        top_is_label = np.zeros(n, dtype=bool) if full_vocabulary else None
+        head_ids = None if full_vocabulary else label_ids
+        sequences = [list(c) if prefix_cache else self.prefix_ids + list(c) for c in continuations]
+        share_prefixes = self.mode == "prefix_tree"
         if share_prefixes:
-            logits = tree_logits(model, PrefixTree.build([sequences[i] for i in rows]), prefix_cache, head_ids)
+            batches = _tree_batches(sequences, batch_size)
         else:
-            width = max(len(sequences[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=device)
-            for row, i in enumerate(rows):
-                input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
-            positions = torch.tensor([len(sequences[i]) - 1 for i in rows], device=device)
-            past = prefix_cache.for_batch(len(rows)) if prefix_cache else None
-            logits = logits_at_positions(model, input_ids, positions, past_key_values=past, token_ids=head_ids)
-        logits = logits.float()
-        if not full_vocabulary:  # the columns are the label tokens
-            probabilities[rows] = torch.softmax(logits, dim=-1).cpu().double().numpy()
-            continue
-        log_probs = torch.log_softmax(logits, dim=-1)
-        label_logits = logits[:, label_ids]
-        probabilities[rows] = torch.softmax(label_logits, dim=-1).cpu().double().numpy()
-        mass[rows] = log_probs[:, label_ids].exp().sum(-1).cpu().double().numpy()
-        top_is_label[rows] = torch.isin(logits.argmax(-1), label_ids).cpu().numpy()
-    return LabelScores(probabilities=probabilities, label_space_mass=mass, top_token_is_label=top_is_label)
+            order = sorted(range(n), key=lambda i: len(sequences[i]))
+            batches = [order[start : start + batch_size] for start in range(0, n, batch_size)]
+        for rows in batches:
+            if share_prefixes:
+                logits = tree_logits(model, PrefixTree.build([sequences[i] for i in rows]), prefix_cache, head_ids)
+            else:
+                width = max(len(sequences[i]) for i in rows)
+                input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=device)
+                for row, i in enumerate(rows):
+                    input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+                positions = torch.tensor([len(sequences[i]) - 1 for i in rows], device=device)
+                past = prefix_cache.for_batch(len(rows)) if prefix_cache else None
+                logits = logits_at_positions(model, input_ids, positions, past_key_values=past, token_ids=head_ids)
+            logits = logits.float()
+            if not full_vocabulary:  # the columns are the label tokens
+                probabilities[rows] = torch.softmax(logits, dim=-1).cpu().double().numpy()
+                continue
+            log_probs = torch.log_softmax(logits, dim=-1)
+            label_logits = logits[:, label_ids]
+            probabilities[rows] = torch.softmax(label_logits, dim=-1).cpu().double().numpy()
+            mass[rows] = log_probs[:, label_ids].exp().sum(-1).cpu().double().numpy()
+            top_is_label[rows] = torch.isin(logits.argmax(-1), label_ids).cpu().numpy()
+        return LabelScores(probabilities=probabilities, label_space_mass=mass, top_token_is_label=top_is_label)

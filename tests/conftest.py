@@ -2,110 +2,21 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.tiny import analysis_test_rows, save_tiny_llama, synthetic_rows, write_csv, write_tiny_config
+
 # Tests never touch the network: hub names must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-POSITIVE = ["love", "great", "happy", "awesome", "wonderful"]
-NEGATIVE = ["hate", "awful", "sad", "terrible", "horrible"]
-NEUTRAL = ["table", "monday", "bus", "paper", "window"]
-FILLER = ["the", "a", "my", "this", "is", "day", "so", "really"]
-TEMPLATE_WORDS = [
-    "You",
-    "are",
-    "sentiment",
-    "classifier",
-    ".",
-    "Classify",
-    "tweet",
-    "as",
-    "one",
-    "of",
-    ":",
-    ",",
-    "Tweet",
-    "Label",
-    "Answer",
-    "with",
-    "digit",
-    "for",
-    "0",
-    "1",
-    "2",
-    "negative",
-    "neutral",
-    "positive",
-]
-
-
-def build_tiny_tokenizer():
-    """A word-level tokenizer: every template word and label word is one token (built locally, no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    words = sorted(set(POSITIVE + NEGATIVE + NEUTRAL + FILLER + TEMPLATE_WORDS))
-    vocab = {token: i for i, token in enumerate(specials + words)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-
-
-def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     return str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
-
-
-def synthetic_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Tweets whose sentiment is carried by one keyword, so a tiny model can learn it in a few steps."""
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label, words = [("negative", NEGATIVE), ("neutral", NEUTRAL), ("positive", POSITIVE)][i % 3]
-        text = " ".join(rng.sample(FILLER, 3) + [rng.choice(words)] + rng.sample(FILLER, 2))
-        rows.append((text, label))
-    return rows
-
-
-def write_csv(path: Path, rows, header=("text", "label")) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +30,46 @@ def synthetic_folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
-    from lightning_modules.embedded_model import embedded_model_dir
+    from foundation.embedded_model import embedded_model_dir
 
     return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_model_dir) -> dict:
+    """One short real fit of the tiny Llama, shared by every test that needs a fine-tuned adapter: its data folder,
+    config, the adapter as a peft folder and as a Lightning checkpoint."""
+    import lightning as L
+
+    from analysis.configuration import load_run
+    from lightning_modules.export_adapter import write_adapter
+
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "data"
+    data.mkdir()
+    write_csv(data / "train.csv", synthetic_rows(48, seed=1))
+    write_csv(data / "test.csv", analysis_test_rows())
+    config = write_tiny_config(root / "tiny.yaml", tiny_model_dir, data, root / "train")
+    run = load_run(["--config", str(config)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(run.module, run.datamodule)
+    adapter = write_adapter(run.module, root / "lora_adapter", run.datamodule.prompt_description())
+    checkpoint = root / "adapter.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    return {
+        "root": root,
+        "config": config,
+        "adapter": adapter,
+        "checkpoint": checkpoint,
+        "model": tiny_model_dir,
+        "data": data,
+    }

@@ -9,16 +9,12 @@ import sys
 from html import escape
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import shap
 import torch
 
-from analysis.analyze import HTML_FILE, METRICS_FILE, SHAP_FILES, SUMMARY_PLOTS, run_analysis
-from analysis.baselines import CALIBRATED, FINE_TUNED, K_SHOT, ZERO_SHOT, ModelSpec
-from analysis.calibration import calibrate
-from analysis.shap_explain import (
+from analysis.explanation.shap_values import (
     LabelProbabilities,
     explain_tweet,
     load_explanation,
@@ -26,12 +22,20 @@ from analysis.shap_explain import (
     model_value_functions,
     tweet_masker,
 )
+from analysis.models import CALIBRATED, FINE_TUNED, K_SHOT, ZERO_SHOT, ModelSpec
+from analysis.statistics.calibration import calibrate
 from datamodules.prompts import PromptEncoder
-from tests.conftest import build_tiny_tokenizer, save_tiny_llama, synthetic_rows, write_csv
+from foundation.output_names import EXPLANATIONS_FILE, INTERPRETABILITY_FILE, shap_file, shap_summary_plot
+from tests.tiny import build_tiny_tokenizer, save_tiny_llama, write_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "neutral", "positive"]
 TWEETS = ["love", "the bus is so awful , really", "my really happy monday day this is so great the a my table bus"]
+# Runs that differ in thread count (torchrun ranks take one thread each) sum in another order: their values agree to
+# CROSS_THREAD_ATOL and the statistics derived from them to CROSS_THREAD_RTOL, not bit for bit. Runs with the same
+# threads and shapes (resumed, sharded in one process) agree exactly.
+CROSS_THREAD_ATOL = 1e-6
+CROSS_THREAD_RTOL = 1e-4
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------------
@@ -59,62 +63,27 @@ def tiny_module(model_dir: str, encoder: PromptEncoder):
     )
 
 
-@pytest.fixture(scope="module")
-def data_folder(tmp_path_factory) -> Path:
-    """Synthetic tweets; the first test tweet holds HTML, another is empty (the loader drops it)."""
-    folder = tmp_path_factory.mktemp("analysis-data")
-    write_csv(folder / "train.csv", synthetic_rows(48, seed=1))
-    rows = synthetic_rows(6, seed=2)
-    rows[0] = ('<b>love</b> & "great" so', "positive")
-    rows.insert(2, ("   ", "neutral"))
-    write_csv(folder / "test.csv", rows)
-    return folder
+@torch.no_grad()
+def plain_forward(model, encoder: PromptEncoder, texts) -> np.ndarray:
+    """Label probabilities from one plain `model(...).logits` forward per whole prompt: the independent oracle."""
+    rows = []
+    for text in texts:
+        logits = model(torch.tensor([encoder.encode(str(text)).input_ids])).logits[0, -1]
+        rows.append(torch.softmax(logits[encoder.label_token_ids].double(), dim=-1).numpy())
+    return np.array(rows)
 
 
-def write_config(path: Path, model_dir: str, data: Path) -> Path:
-    path.write_text(
-        f"model:\n  model_name: {model_dir}\n  load_in_4bit: false\n  lora_dropout: 0.0\n"
-        f"data:\n  dataset_name: {data}\n  seed: 0\n"
-    )
-    return path
+def analyze(trained: dict, output_dir: Path, log=lambda message: None, after_example=None, **options):
+    """scripts/analyze.py's parsing and run, in this process; `options` are `explain`/`compare` settings."""
+    from analysis.configuration import load_run
+    from analysis.explanation.run import check_explanation, run_analysis
 
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir, data_folder) -> dict:
-    """A config and an adapter exported after a few training steps (so fine-tuned differs from zero-shot)."""
-    from datamodules import TweetSentimentDataModule
-    from lightning_modules import ExportAdapter, LoRASentimentClassifier
-
-    root = tmp_path_factory.mktemp("analysis-run")
-    L.seed_everything(0)
-    dm = TweetSentimentDataModule(dataset_name=str(data_folder), tokenizer_name=tiny_model_dir, batch_size=8, seed=0)
-    module = LoRASentimentClassifier(
-        model_name=tiny_model_dir,
-        label_names=dm.label_names,
-        label_token_ids=dm.label_token_ids,
-        learning_rate=2e-2,
-        warmup_ratio=0.0,
-        lora_dropout=0.0,
-        load_in_4bit=False,
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        default_root_dir=str(root),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        max_steps=4,
-        callbacks=[ExportAdapter()],
-    )
-    trainer.fit(module, dm)
-    return {"config": write_config(root / "tiny.yaml", tiny_model_dir, data_folder), "adapter": root / "lora_adapter"}
-
-
-def analyze(trained: dict, output_dir: Path, **kwargs):
-    kwargs = {"example_count": 3, "max_evals": 40, "n_resamples": 50, "log": lambda message: None, **kwargs}
-    return run_analysis(trained["config"], trained["adapter"], output_dir, **kwargs)
+    options = {"example_count": 3, "max_evals": 40, "n_resamples": 50, "adapter": str(trained["adapter"]), **options}
+    arguments = ["--config", str(trained["config"]), "--explain.output_dir", str(output_dir)]
+    for name, value in options.items():
+        section = "compare" if name in ("adapter", "k_shot", "n_resamples", "seed") else "explain"
+        arguments += [f"--{section}.{name}", json.dumps(value) if not isinstance(value, str) else value]
+    return run_analysis(load_run(arguments, check=check_explanation), log=log, after_example=after_example)
 
 
 # ---- features and value function --------------------------------------------------------------------------------
@@ -138,7 +107,7 @@ def test_only_the_tweet_tokens_are_features(encoder):
 
 
 def test_features_tile_a_byte_level_tweet_with_emoji():
-    from lightning_modules.backbone import load_tokenizer
+    from foundation.hub import load_tokenizer
 
     encoder = PromptEncoder(load_tokenizer("embedded:smollm2-135m-instruct"), LABELS)
     masker = tweet_masker(encoder)
@@ -149,20 +118,23 @@ def test_features_tile_a_byte_level_tweet_with_emoji():
     assert encoder.continuation(mask_tweet(masker, text, np.ones(len(segments), bool))) == encoder.continuation(text)
 
 
-def test_value_function_cached_equals_uncached(encoder, base_model):
+def test_value_function_equals_a_plain_forward_of_each_prompt(encoder, base_model):
     masker = tweet_masker(encoder)
     rng = np.random.default_rng(0)
     texts = [mask_tweet(masker, t, rng.random(len(encoder.tweet_ids(t))) < 0.6) for t in TWEETS for _ in range(4)]
-    cached = LabelProbabilities(base_model, encoder, batch_size=5)(texts + TWEETS + [""])
-    plain = LabelProbabilities(base_model, encoder, batch_size=3, use_prefix_cache=False, share_prefixes=False)
-    uncached = plain(texts + TWEETS + [""])
-    assert cached.shape == (len(texts) + len(TWEETS) + 1, len(LABELS))
-    assert np.abs(cached - uncached).max() <= 1e-5
+    texts += TWEETS + [""]
+    value = LabelProbabilities.for_model(base_model, encoder, batch_size=5)
+    with value.remembering():
+        cached = value(texts)
+        again = value(texts[::-1])[::-1]  # every prefix remembered from the call before
+    assert cached.shape == (len(texts), len(LABELS))
+    assert np.abs(cached - plain_forward(base_model, encoder, texts)).max() <= 1e-5
+    assert np.abs(again - cached).max() <= 1e-5
     assert np.allclose(cached.sum(axis=1), 1.0)
 
 
 def test_additivity_and_the_budget(encoder, base_model):
-    value = LabelProbabilities(base_model, encoder, batch_size=8)
+    value = LabelProbabilities.for_model(base_model, encoder, batch_size=8)
     masker = tweet_masker(encoder)
     for text in TWEETS:
         full, empty = value([text])[0], value([""])[0]
@@ -179,14 +151,12 @@ def test_additivity_and_the_budget(encoder, base_model):
 def test_opening_coalitions_are_the_explainers_first_requests(encoder, base_model):
     """What is scored ahead in one forward is exactly what the explainer asks for first, in any budget; scoring it
     ahead changes no value beyond float rounding."""
-    from analysis.shap_explain import MASKS_PER_ROUND, opening_coalitions
+    from analysis.explanation.shap_values import MASKS_PER_ROUND, opening_coalitions
 
     masker = tweet_masker(encoder)
     text = max(TWEETS, key=lambda t: len(encoder.tweet_ids(t)))
-    value = LabelProbabilities(base_model, encoder, batch_size=8)
-    plain = LabelProbabilities(
-        base_model, encoder, batch_size=8, share_prefixes=False
-    )  # does not remember: no lookahead
+    value = LabelProbabilities.for_model(base_model, encoder, batch_size=8)
+    plain = LabelProbabilities.for_model(base_model, encoder, batch_size=8, mode="padded")  # no lookahead
     assert value.remembers and not plain.remembers
     for max_evals in (6, 12, 200):
         requests: list[list[str]] = []
@@ -217,14 +187,14 @@ def test_zero_shot_differs_from_fine_tuned_and_is_the_plain_base_model(encoder, 
     specs = {ZERO_SHOT: ModelSpec(ZERO_SHOT, encoder, False), FINE_TUNED: ModelSpec(FINE_TUNED, encoder, True)}
     functions = model_value_functions(module, specs, batch_size=8)
     masker = tweet_masker(encoder)
-    plain = LabelProbabilities(base_model, encoder, batch_size=8)
+    plain = LabelProbabilities.for_model(base_model, encoder, batch_size=8, mode="padded")
     for text in TWEETS[1:]:
         joint = explain_tweet(text, functions, masker, max_evals=10_000, seed=3)
         alone = explain_tweet(text, {"base": plain}, masker, max_evals=10_000, seed=3)
         zero_shot, fine_tuned = joint["models"][ZERO_SHOT]["values"], joint["models"][FINE_TUNED]["values"]
         np.testing.assert_allclose(zero_shot, alone["models"]["base"]["values"], atol=1e-5)
         assert np.abs(fine_tuned - zero_shot).max() > 1e-3
-    assert functions[ZERO_SHOT].prefix_cache is not functions[FINE_TUNED].prefix_cache
+    assert functions[ZERO_SHOT].scorer.prefix_cache is not functions[FINE_TUNED].scorer.prefix_cache
 
 
 # ---- the whole run ----------------------------------------------------------------------------------------------
@@ -232,19 +202,33 @@ class Interrupted(Exception):
     pass
 
 
-def comparable(folder: Path) -> dict:
+def comparable(folder: Path, html: bool = True) -> dict:
     """Every output's content except wall-clock timings."""
-    metrics = json.loads((folder / METRICS_FILE).read_text())
+    metrics = json.loads((folder / INTERPRETABILITY_FILE).read_text())
     metrics.pop("timing")
-    return {
-        "metrics": metrics,
-        **{
-            model: json.loads((folder / name).read_text())
-            for model, name in SHAP_FILES.items()
-            if (folder / name).exists()
-        },
-        "html": (folder / HTML_FILE).read_text(),
-    }
+    contents = {"metrics": metrics}
+    for model in (ZERO_SHOT, CALIBRATED, K_SHOT, FINE_TUNED):
+        if (folder / shap_file(model)).exists():
+            contents[model] = json.loads((folder / shap_file(model)).read_text())
+    if html:
+        contents["html"] = (folder / EXPLANATIONS_FILE).read_text()
+    return contents
+
+
+def assert_close_results(got, expected, atol: float, rtol: float = 0.0, where: str = "") -> None:
+    """Same structure, same strings and integers, and floats within `atol` (or `rtol` relative) of each other."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and set(got) == set(expected), where
+        for key in expected:
+            assert_close_results(got[key], expected[key], atol, rtol, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), where
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert_close_results(a, b, atol, rtol, f"{where}[{i}]")
+    elif isinstance(expected, float) or isinstance(got, float):
+        assert got == pytest.approx(expected, abs=atol, rel=rtol), where
+    else:
+        assert got == expected, where
 
 
 def test_a_killed_run_resumes_without_recomputing(trained, tmp_path):
@@ -255,7 +239,7 @@ def test_a_killed_run_resumes_without_recomputing(trained, tmp_path):
         analyze(trained, tmp_path / "resumed", after_example=stop_after_first)
     progress = tmp_path / "resumed" / ".progress"
     assert sorted(p.name for p in progress.glob("[0-9]*.json")) == ["0.json"]
-    assert not (tmp_path / "resumed" / METRICS_FILE).exists()
+    assert not (tmp_path / "resumed" / INTERPRETABILITY_FILE).exists()
     first = (progress / "0.json").stat().st_mtime_ns
 
     resumed = analyze(trained, tmp_path / "resumed")
@@ -279,7 +263,7 @@ def test_baselines_are_explained_on_the_same_tweet_tokens(trained, tmp_path, tin
     result = analyze(trained, out, example_count=2, baselines=[ZERO_SHOT, CALIBRATED, K_SHOT], k_shot=3)
     models = [ZERO_SHOT, CALIBRATED, K_SHOT, FINE_TUNED]
     assert result.models == models and result.metrics["models"] == models
-    contents = {model: json.loads((out / SHAP_FILES[model]).read_text()) for model in models}
+    contents = {model: json.loads((out / shap_file(model)).read_text()) for model in models}
     for model in models:  # same features (the tweet's tokens), and every model's values add up
         assert contents[model]["feature_names"] == contents[ZERO_SHOT]["feature_names"]
         assert result.metrics["additivity"]["per_model"][model] < 1e-4
@@ -308,18 +292,16 @@ def test_baselines_are_explained_on_the_same_tweet_tokens(trained, tmp_path, tin
     assert "fine_tuned_vs_zero_shot_calibrated" in result.metrics["faithfulness"]
 
     # Baselines only (no adapter): nothing of the fine-tuned model is left from the run above.
-    alone = run_analysis(
-        trained["config"], None, out, example_count=2, max_evals=40, n_resamples=50, log=lambda message: None
-    )
+    alone = analyze(trained, out, example_count=2, adapter=None)
     assert alone.models == [ZERO_SHOT] and "comparison" not in alone.metrics
-    assert {p.name for p in out.glob("*_shap.json")} == {SHAP_FILES[ZERO_SHOT]}
-    assert not (out / SUMMARY_PLOTS[FINE_TUNED]).exists() and alone.metrics["settings"]["adapter"] is None
+    assert {p.name for p in out.glob("*_shap.json")} == {shap_file(ZERO_SHOT)}
+    assert not (out / shap_summary_plot(FINE_TUNED)).exists() and alone.metrics["settings"]["adapter"] is None
 
 
 def test_shards_merge_into_the_single_process_result(trained, tmp_path):
     straight = analyze(trained, tmp_path / "straight")
     first = analyze(trained, tmp_path / "sharded", shard_index=0, num_shards=2)
-    assert not first.merged and first.computed == [0, 2] and not (tmp_path / "sharded" / METRICS_FILE).exists()
+    assert not first.merged and first.computed == [0, 2] and not (tmp_path / "sharded" / INTERPRETABILITY_FILE).exists()
     last = analyze(trained, tmp_path / "sharded", shard_index=1, num_shards=2)
     assert last.merged and last.resumed == [0, 2] and last.computed == [1]
     assert comparable(tmp_path / "sharded") == comparable(tmp_path / "straight")
@@ -345,15 +327,20 @@ def test_torchrun_ranks_share_the_examples(trained, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "explained 3 tweets" in done.stdout and "of this shard" in done.stdout  # rank 0 merged, rank 1 did not
     assert sorted(p.name for p in (out / ".progress").glob("[0-9]*.json")) == ["0.json", "1.json", "2.json"]
-    assert comparable(out) == comparable(straight)
+    # rank 0 and 1 ran one thread each, the straight run two: equal to the stated tolerance, not bit for bit
+    sharded, alone = comparable(out, html=False), comparable(straight, html=False)
+    for model in (ZERO_SHOT, FINE_TUNED):  # the values and probabilities themselves: absolute
+        assert_close_results(sharded.pop(model), alone.pop(model), CROSS_THREAD_ATOL)
+    # statistics derived from them (a Cohen's d divides by a small spread) move by as much relative to their size
+    assert_close_results(sharded, alone, CROSS_THREAD_ATOL, rtol=CROSS_THREAD_RTOL)
 
 
 def test_gold_target_and_small_budget_are_recorded(trained, tmp_path):
     result = analyze(trained, tmp_path / "gold", target="gold", max_evals=4, example_count=50)
-    shap_file = json.loads((tmp_path / "gold" / SHAP_FILES[FINE_TUNED]).read_text())
-    assert shap_file["target_classes"] == shap_file["gold"]
+    content = json.loads((tmp_path / "gold" / shap_file(FINE_TUNED)).read_text())
+    assert content["target_classes"] == content["gold"]
     notes = " ".join(result.notes)
-    assert "larger than the eval set; explaining all 6" in notes
+    assert "larger than the eval set; explaining all 24" in notes
     assert "empty tweet" in notes
     assert "shared equally by their tokens" in notes and "too many tokens for even one split" in notes
     assert result.metrics["budget"]["counts"]["coarse"] > 0
@@ -392,10 +379,10 @@ def test_analyze_script_writes_every_file(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "additivity" in result.stdout
 
-    assert not (out / SHAP_FILES[K_SHOT]).exists()  # only the models asked for
-    contents = {model: json.loads((out / SHAP_FILES[model]).read_text()) for model in (ZERO_SHOT, FINE_TUNED)}
+    assert not (out / shap_file(K_SHOT)).exists()  # only the models asked for
+    contents = {model: json.loads((out / shap_file(model)).read_text()) for model in (ZERO_SHOT, FINE_TUNED)}
     for model, content in contents.items():
-        explanation = load_explanation(out / SHAP_FILES[model])
+        explanation = load_explanation(out / shap_file(model))
         assert isinstance(explanation, shap.Explanation) and len(explanation) == 3
         assert list(explanation.output_names) == LABELS
         for i in range(3):
@@ -406,14 +393,14 @@ def test_analyze_script_writes_every_file(trained, tmp_path):
             np.testing.assert_allclose(
                 explanation[i].base_values + explanation[i].values.sum(0), probabilities, atol=1e-5
             )
-        target = load_explanation(out / SHAP_FILES[model], target_only=True)
+        target = load_explanation(out / shap_file(model), target_only=True)
         assert target[0].values.shape == (len(content["feature_names"][0]),)
         assert content["target_classes"] == content["predicted"]
-        assert (out / SUMMARY_PLOTS[model]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / shap_summary_plot(model)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert contents[ZERO_SHOT]["feature_names"] == contents[FINE_TUNED]["feature_names"]  # identical features
     assert contents[ZERO_SHOT]["texts"][0] == '<b>love</b> & "great" so'
 
-    metrics = json.loads((out / METRICS_FILE).read_text())
+    metrics = json.loads((out / INTERPRETABILITY_FILE).read_text())
     assert metrics["additivity"]["max_abs_error"] < 1e-4 and metrics["additivity"]["within_tolerance"]
     for model in (ZERO_SHOT, FINE_TUNED):
         targets = [np.asarray(v)[:, t] for v, t in zip(contents[model]["values"], contents[model]["target_classes"])]
@@ -432,7 +419,7 @@ def test_analyze_script_writes_every_file(trained, tmp_path):
     assert comparison["per_model"] and comparison["overall_top_token_jaccard"] is not None
     assert (out / "deletion_curves.png").read_bytes()[:4] == b"\x89PNG"
 
-    page = (out / HTML_FILE).read_text()
+    page = (out / EXPLANATIONS_FILE).read_text()
     assert "&lt;" in page and "<b>love" not in page and "&amp;" in page  # the tweet's HTML is escaped
     for segments in contents[ZERO_SHOT]["data"]:
         for segment in segments:
@@ -440,11 +427,11 @@ def test_analyze_script_writes_every_file(trained, tmp_path):
     assert "http" not in page and "<script" not in page  # self-contained
 
 
-def test_bad_input_is_one_error_line(trained, data_folder, tmp_path, capsys):
-    from scripts.analyze import main
+def test_bad_input_is_one_error_line(trained, tmp_path, capsys):
+    from analysis.commands import analyze_main as main
 
     other_dir = save_tiny_llama(tmp_path / "other-base", seed=1)
-    other_config = write_config(tmp_path / "other.yaml", str(other_dir), data_folder)
+    other_config = write_tiny_config(tmp_path / "other.yaml", str(other_dir), trained["data"], tmp_path / "train")
     args = ["--config", str(other_config), "--adapter", str(trained["adapter"]), "--output-dir", str(tmp_path / "x")]
     result = run_cli(*args, module=True)
     assert result.returncode == 2
@@ -464,11 +451,13 @@ def test_bad_input_is_one_error_line(trained, data_folder, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_embedded_model_end_to_end(tmp_path):
+    from analysis.configuration import load_run
+    from analysis.explanation.run import check_explanation, run_analysis
     from lightning_modules.export_adapter import write_adapter
-    from scripts.cli import build_from_config
 
-    overrides = ["--trainer.default_root_dir", str(tmp_path / "run")]
-    datamodule, module = build_from_config("configs/embedded.yaml", overrides)
+    config = ["--config", "configs/embedded.yaml"]
+    run = load_run(config)
+    datamodule, module = run.datamodule, run.module
     torch.manual_seed(0)
     with torch.no_grad():
         for name, parameter in module.backbone.named_parameters():
@@ -476,23 +465,16 @@ def test_embedded_model_end_to_end(tmp_path):
                 parameter.normal_(0.0, 0.02)
     adapter = write_adapter(module, tmp_path / "lora_adapter", datamodule.prompt_description())
     del module
-    result = run_analysis(
-        "configs/embedded.yaml",
-        adapter,
-        tmp_path / "out",
-        example_count=2,
-        max_evals=8,
-        n_resamples=50,
-        random_orders=1,
-        overrides=overrides,
-        log=lambda message: None,
-    )
+    options = ["--explain.output_dir", str(tmp_path / "out"), "--compare.adapter", str(adapter)]
+    options += ["--explain.example_count", "2", "--explain.max_evals", "8", "--compare.n_resamples", "50"]
+    options += ["--explain.random_orders", "1"]
+    result = run_analysis(load_run(config + options, check=check_explanation), log=lambda message: None)
     assert result.metrics["n_examples"] == 2 and result.metrics["additivity"]["max_abs_error"] < 1e-4
-    for name in (SHAP_FILES[ZERO_SHOT], SHAP_FILES[FINE_TUNED]):
+    for name in (shap_file(ZERO_SHOT), shap_file(FINE_TUNED)):
         explanation = load_explanation(tmp_path / "out" / name)
         texts = json.loads((tmp_path / "out" / name).read_text())["texts"]
         for i, text in enumerate(texts):
             assert "".join(explanation[i].data) == text
             assert explanation[i].values.shape == (len(datamodule.encoder.tweet_ids(text)), 3)
     assert result.metrics["budget"]["counts"]["coarse"] == 2  # 8 evaluations cannot split a 30-token tweet
-    assert (tmp_path / "out" / HTML_FILE).is_file()
+    assert (tmp_path / "out" / EXPLANATIONS_FILE).is_file()

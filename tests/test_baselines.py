@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.calibration import calibrate, content_free_prior
+from analysis.statistics.calibration import calibrate, content_free_prior
 from datamodules import TweetSentimentDataModule
 from datamodules.prompts import sample_demonstrations
-from lightning_modules.errors import UserInputError
-from lightning_modules.scoring import score_prompts
+from foundation.errors import UserInputError
+from lightning_modules.scoring import LabelScorer
 
 
 def test_calibration_matches_a_hand_computed_case():
@@ -43,7 +43,7 @@ def test_demonstrations_are_seeded_balanced_and_never_from_the_eval_texts():
         sample_demonstrations(texts[:6], labels[:6], 9, 3, seed=0)
 
 
-def test_k_shot_prefix_holds_training_demonstrations_and_cached_equals_uncached(synthetic_folder, tiny_model_dir):
+def test_k_shot_prefix_holds_training_demonstrations_and_scores_like_a_plain_forward(synthetic_folder, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     dm = TweetSentimentDataModule(dataset_name=synthetic_folder, tokenizer_name=tiny_model_dir, seed=0)
@@ -61,12 +61,12 @@ def test_k_shot_prefix_holds_training_demonstrations_and_cached_equals_uncached(
     with torch.no_grad():  # a non-trivial model: perturb the weights so the prefix matters
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    continuations = [encoder.continuation(e.text) for e in dm.eval_examples[:9]]
+    texts = [e.text for e in dm.eval_examples[:9]]
     kwargs = dict(label_token_ids=encoder.label_token_ids, batch_size=4, pad_token_id=dm.tokenizer.pad_token_id)
-    cached = score_prompts(model, encoder.prefix_ids, continuations, use_prefix_cache=True, **kwargs)
-    plain = score_prompts(model, encoder.prefix_ids, continuations, use_prefix_cache=False, **kwargs)
-    assert np.abs(cached.probabilities - plain.probabilities).max() <= 1e-5
-    without = score_prompts(
-        model, zero_shot.prefix_ids, [zero_shot.continuation(e.text) for e in dm.eval_examples[:9]], **kwargs
-    )
+    cached = LabelScorer(model, encoder.prefix_ids, **kwargs)([encoder.continuation(t) for t in texts])
+    with torch.no_grad():  # the oracle: one plain forward of each whole k-shot prompt
+        last = torch.stack([model(torch.tensor([encoder.encode(t).input_ids])).logits[0, -1] for t in texts])
+    plain = torch.softmax(last[:, encoder.label_token_ids].double(), -1).numpy()
+    assert np.abs(cached.probabilities - plain).max() <= 1e-5
+    without = LabelScorer(model, zero_shot.prefix_ids, **kwargs)([zero_shot.continuation(t) for t in texts])
     assert np.abs(without.probabilities - cached.probabilities).max() > 1e-4  # the demonstrations change the scores

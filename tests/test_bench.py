@@ -82,8 +82,16 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
     del block
 
 
-def test_matmul_peak_is_a_positive_rate():
-    assert matmul_peak_gflops(torch.float32, size=64, trials=1, seconds=0.01) > 0
+def test_matmul_peak_is_flops_per_second_of_the_timed_loops(monkeypatch):
+    """With a clock that advances 0.5 ms per reading, the rate follows by hand from 2 n^3 flops per product."""
+    import bench.accounting as accounting
+
+    readings = iter(range(1000))
+    monkeypatch.setattr(accounting.time, "perf_counter", lambda: next(readings) * 5e-4)
+    # Warm-up: 2 products between two readings -> 0.25 ms each -> 0.01 s / 0.25 ms = 40 products per timed loop,
+    # whose two readings are again 0.5 ms apart: 40 x 2 x 64^3 flops / 0.5 ms = 41.94 GFLOP/s.
+    rate = matmul_peak_gflops(torch.float32, size=64, trials=3, seconds=0.01)
+    assert rate == pytest.approx(40 * 2 * 64**3 / 5e-4 / 1e9)
 
 
 def test_gates_compare_predictions_and_target_class_values():

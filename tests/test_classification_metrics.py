@@ -13,8 +13,8 @@ from matplotlib.figure import Figure
 from scipy.stats import binomtest
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from analysis import classification_metrics as cm
-from analysis.plots import plot_confusion_matrices, plot_metric_comparison, plot_reliability, save_figure
+from analysis.report.plots import plot_confusion_matrices, plot_metric_comparison, plot_reliability, save_figure
+from analysis.statistics import classification as cm
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

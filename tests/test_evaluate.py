@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_llama, synthetic_rows, write_csv
 
-# build_from_config passes its own args while pytest's argv is set; Lightning warns about that, harmlessly.
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+from tests.tiny import save_tiny_llama, synthetic_rows, write_csv, write_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"
@@ -33,53 +31,14 @@ BASELINE_FILES = FIGURES_AND_LOGS | {f"{model}_metrics.json" for model in MODELS
 ALL_FILES = BASELINE_FILES | {"fine_tuned_metrics.json"}
 
 
-def write_config(path: Path, model: str, dataset: str, root: Path, **data) -> Path:
-    lines = [
-        "seed_everything: 0",
-        "trainer:",
-        f"  default_root_dir: {root}",
-        "model:",
-        f"  model_name: {model}",
-        "  load_in_4bit: false",
-        "  learning_rate: 0.02",
-        "  warmup_ratio: 0.0",
-        "  lora_dropout: 0.0",
-        "data:",
-        f"  dataset_name: {dataset}",
-        "  batch_size: 8",
-        "  eval_batch_size: 5",  # several batches, so the length-sorted order must be undone
-        "  seed: 0",
-    ] + [f"  {key}: {json.dumps(value)}" for key, value in data.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def evaluate_in_process(*args: str):
+    """scripts/evaluate.py's parsing and run, in this process, returning the result object."""
+    from analysis.commands import EVALUATE_ALIASES
+    from analysis.configuration import load_run, translate_aliases
+    from analysis.evaluation.run import check_evaluation, evaluate
 
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir, synthetic_folder) -> dict:
-    """A config, and the adapter of a short real fit exported both as a peft folder and a Lightning checkpoint."""
-    import lightning as L
-
-    from lightning_modules.export_adapter import write_adapter
-    from scripts.cli import build_from_config
-
-    root = tmp_path_factory.mktemp("evaluate")
-    config = write_config(root / "tiny.yaml", tiny_model_dir, synthetic_folder, root / "train")
-    datamodule, module = build_from_config(str(config), [])
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule)
-    adapter = write_adapter(module, root / "lora_adapter", datamodule.prompt_description())
-    checkpoint = root / "adapter.ckpt"
-    trainer.save_checkpoint(checkpoint)
-    return {"root": root, "config": config, "adapter": adapter, "checkpoint": checkpoint, "model": tiny_model_dir}
+    arguments = translate_aliases([*args, "--trainer.enable_progress_bar", "false"], EVALUATE_ALIASES)
+    return evaluate(load_run(arguments, check=check_evaluation))
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -149,11 +108,11 @@ def test_writes_every_file_and_prints_the_figure_paths(user_run):
 
 
 @pytest.mark.slow
-def test_predictions_hold_the_eval_split_and_both_models(user_run, trained, synthetic_folder):
+def test_predictions_hold_the_eval_split_and_both_models(user_run, trained):
     import csv
 
-    with open(Path(synthetic_folder) / "test.csv") as handle:
-        gold = [(" ".join(row["text"].split()), row["label"]) for row in csv.DictReader(handle)]
+    with open(trained["data"] / "test.csv") as handle:  # the empty tweet is dropped by the loader
+        gold = [(" ".join(row["text"].split()), row["label"]) for row in csv.DictReader(handle) if row["text"].strip()]
     rows = user_run["rows"]
     assert [(row["text"], row["label"]) for row in rows] == gold
     label_names = user_run["zero_shot_metrics.json"]["label_names"]
@@ -304,10 +263,15 @@ def test_headline_metrics_are_in_tensorboard(user_run):
 
 @pytest.mark.slow
 def test_a_lightning_checkpoint_gives_the_same_fine_tuned_model(user_run, trained, tmp_path):
-    from analysis.evaluation import evaluate
-
-    result = evaluate(
-        trained["config"], tmp_path / "ckpt", adapter=trained["checkpoint"], progress_bar=False, baselines=["zero_shot"]
+    result = evaluate_in_process(
+        "--config",
+        str(trained["config"]),
+        "--output-dir",
+        str(tmp_path / "ckpt"),
+        "--adapter",
+        str(trained["checkpoint"]),
+        "--baselines",
+        "zero_shot",
     )
     label_names = result.metrics["zero_shot"]["label_names"]
     rows = read_predictions(tmp_path / "ckpt")
@@ -318,13 +282,11 @@ def test_a_lightning_checkpoint_gives_the_same_fine_tuned_model(user_run, traine
 
 
 def test_without_adapter_the_baselines_are_compared_with_raw_zero_shot(trained, tmp_path):
-    from analysis.evaluation import evaluate
-
     folder = tmp_path / "baselines"
     folder.mkdir()
     # An earlier run with an adapter left this: it must not sit next to a run without one.
     (folder / "fine_tuned_metrics.json").write_text("{}")
-    result = evaluate(trained["config"], folder, eval_subset=9, n_resamples=1000, progress_bar=False)
+    result = evaluate_in_process("--config", str(trained["config"]), "--output-dir", str(folder), "--eval-subset", "9")
     assert {p.name for p in folder.iterdir()} == BASELINE_FILES
     assert list(result.metrics) == list(MODELS[:3])
     assert result.comparison["reference"] == "zero_shot"
@@ -333,14 +295,23 @@ def test_without_adapter_the_baselines_are_compared_with_raw_zero_shot(trained, 
     assert len(rows) == 9 and all("fine_tuned" not in row for row in rows)
 
     # Raw zero-shot alone: nothing to compare, and the other models' files from the run above are removed.
-    result = evaluate(trained["config"], folder, eval_subset=9, progress_bar=False, baselines=["zero_shot"])
+    result = evaluate_in_process(
+        "--config",
+        str(trained["config"]),
+        "--output-dir",
+        str(folder),
+        "--eval-subset",
+        "9",
+        "--baselines",
+        "zero_shot",
+    )
     assert {p.name for p in folder.iterdir()} == ZERO_SHOT_FILES
     assert result.comparison is None and set(result.metrics) == {"zero_shot"}
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def bad_inputs(trained, synthetic_folder, tmp_path_factory) -> dict:
+def bad_inputs(trained, tmp_path_factory) -> dict:
     """One broken input per case; each maps to evaluate.py arguments (before --output-dir)."""
     import shutil
 
@@ -359,8 +330,8 @@ def bad_inputs(trained, synthetic_folder, tmp_path_factory) -> dict:
     write_csv(no_positive / "train.csv", synthetic_rows(12, seed=3))
     write_csv(no_positive / "test.csv", [row for row in synthetic_rows(12, seed=4) if row[1] != "positive"])
 
-    def cfg(name: str, model_name: str = model, data_root: str = synthetic_folder, **data) -> str:
-        return str(write_config(root / f"{name}.yaml", model_name, data_root, root / "train", **data))
+    def cfg(name: str, model_name: str = model, data_root: str = str(trained["data"]), **data) -> str:
+        return str(write_tiny_config(root / f"{name}.yaml", model_name, data_root, root / "train", **data))
 
     return {
         "missing config": (["--config", str(root / "missing.yaml")], "does not exist"),
@@ -408,7 +379,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(bad_inputs, case, tmp_path, capsys):
-    from scripts.evaluate import main
+    from analysis.commands import evaluate_main as main
 
     args, expected = bad_inputs[case]
     folder = tmp_path / "out"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 import yaml
 
-from analysis.badge import BADGE_ASSET, BADGE_ID, install_badge
-from analysis.report_html import render_report
-from analysis.run_manifest import examples_fingerprint, without_secrets
-from scripts.run_experiment import build_parser, main
+from analysis.commands import experiment_aliases, parse_experiment_options
+from analysis.commands import experiment_main as main
+from analysis.provenance.badge import BADGE_ASSET, BADGE_ID, install_badge
+from analysis.provenance.manifest import examples_fingerprint, without_secrets
+from analysis.report.page import render_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "run_experiment.py"
@@ -108,14 +110,18 @@ BASELINE_DEFAULTS = {
 
 
 def test_flags_and_defaults_are_the_originals():
-    parser = build_parser()
-    flags = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
-    assert flags == ORIGINAL_FLAGS | {"--baselines", "--k-shot", "--shap-baselines"}
-    assert vars(parser.parse_args([])) == ORIGINAL_DEFAULTS | BASELINE_DEFAULTS
+    flags = set(experiment_aliases())
+    assert ORIGINAL_FLAGS | {"--baselines", "--k-shot", "--shap-baselines"} <= flags
+    # beyond the original's: only the other half of a switch (--no-finetune, --project-badge)
+    assert flags - ORIGINAL_FLAGS - {"--baselines", "--k-shot", "--shap-baselines"} == {
+        "--no-finetune",
+        "--project-badge",
+    }
+    assert dataclasses.asdict(parse_experiment_options([])) == ORIGINAL_DEFAULTS | BASELINE_DEFAULTS
 
 
 def test_flags_parse_like_the_original():
-    args = build_parser().parse_args(
+    args = parse_experiment_options(
         "--train-subset None --eval-subset 7 --label-space 0 2 --no-run-shap --no-load-in-4bit --finetune "
         "--no-project-badge --project-badge-dir badges --huggingface-token hf_x".split()
     )
@@ -123,10 +129,10 @@ def test_flags_parse_like_the_original():
     assert args.label_space == ["0", "2"]
     assert (args.run_shap, args.load_in_4bit, args.finetune, args.project_badge) == (False, False, True, False)
     assert args.project_badge_dir == "badges" and args.huggingface_token == "hf_x"
-    on = build_parser().parse_args(["--run-shap", "--load-in-4bit"])
+    on = parse_experiment_options(["--run-shap", "--load-in-4bit"])
     assert on.run_shap and on.load_in_4bit
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--train-subset", "all"])
+        parse_experiment_options(["--train-subset", "all"])
 
 
 def test_bad_values_are_one_sentence_and_exit_2(tmp_path, capsys):
@@ -193,7 +199,7 @@ def test_badge_asset_is_found_from_any_working_directory(tmp_path, pythonpath):
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     done = subprocess.run(
-        [sys.executable, "-c", "from analysis.badge import badge_asset; print(badge_asset())"],
+        [sys.executable, "-c", "from analysis.provenance.badge import badge_asset; print(badge_asset())"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -494,3 +500,44 @@ def test_finetune_without_shap_and_badge_elsewhere(tmp_path, tiny_model_dir, syn
     assert manifest["data"]["train"]["n_examples"] == 48  # --train-subset None: every training row
     assert manifest["data"]["explained"] is None and "explain" not in manifest["phase_seconds"]
     assert "QNTM-42A9" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_the_saved_config_is_accepted_as_is_by_the_three_commands(tmp_path, tiny_model_dir, synthetic_folder, capsys):
+    from analysis.commands import analyze_main, evaluate_main
+    from analysis.configuration import run_cli
+
+    out = tmp_path / "run"
+    run_in_process(
+        *("--model-name", tiny_model_dir, "--dataset-name", synthetic_folder, "--no-load-in-4bit", "--finetune"),
+        *("--shap-example-count", "2", "--shap-max-evals", "40", "--no-project-badge", "--output-dir", str(out)),
+        *("--train-subset", "24", "--eval-subset", "12"),
+    )
+    config = out / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    assert saved["compare"]["adapter"] == str(out / "lora_adapter")
+    assert saved["explain"]["max_evals"] == 40 and saved["evaluate"]["output_dir"] == str(out)
+    capsys.readouterr()
+    for command, arguments in (
+        (run_cli, ["fit", "--config", str(config), "--print_config"]),
+        (evaluate_main, ["--config", str(config), "--print_config"]),
+        (analyze_main, ["--config", str(config), "--print_config"]),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            command(arguments)
+        assert exited.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        for section in ("data", "compare", "evaluate", "explain"):
+            assert {k: printed[section][k] for k in saved[section]} == saved[section], (command, section)
+
+    # The separate commands on the saved config, into other folders, give the run's numbers again (same process,
+    # same threads and shapes: the same arithmetic).
+    assert evaluate_main(["--config", str(config), "--output-dir", str(tmp_path / "evaluated")]) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "evaluated" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and [row["fine_tuned"] for row in again] == [row["fine_tuned"] for row in rows]
+    assert analyze_main(["--config", str(config), "--output-dir", str(tmp_path / "explained")]) == 0
+    for name in ("zero_shot_shap.json", "fine_tuned_shap.json"):
+        first = json.loads((out / name).read_text())
+        second = json.loads((tmp_path / "explained" / name).read_text())
+        assert second["values"] == first["values"] and len(first["values"]) == 2

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from analysis.explanation_stats import (
+from analysis.statistics.explanations import (
     aopc,
     compare_models,
     entropy,

@@ -6,13 +6,13 @@ import collections
 
 import numpy as np
 import pytest
-from conftest import build_tiny_tokenizer, synthetic_rows, write_csv
 
 from datamodules import TweetSentimentDataModule
 from datamodules.embedded_tweets import load_embedded_tweets, read_embedded_rows
 from datamodules.prompts import PromptEncoder
 from datamodules.tweet_sentiment import IGNORE_INDEX, collate_prompts
-from lightning_modules.errors import UserInputError
+from foundation.errors import UserInputError
+from tests.tiny import build_tiny_tokenizer, synthetic_rows, write_csv
 
 LABELS = ["negative", "neutral", "positive"]
 

@@ -15,10 +15,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_rows, write_csv
 
-from analysis.report_html import format_number, format_p
-from scripts.run_experiment import main
+from analysis.commands import experiment_main as main
+from analysis.report.page import format_number, format_p
+from tests.tiny import synthetic_rows, write_csv
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""score_prompts with shared prefixes (one prefix tree per batch, tree attention mask) equals the plain forward."""
+"""LabelScorer in every mode (padded, prefix cache, prefix trees with tree attention) equals a plain forward."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.scoring import PrefixCache, PrefixTree, _tree_batches, score_prompts, supports_prefix_sharing
+from lightning_modules.scoring import LabelScorer, PrefixCache, PrefixTree, _tree_batches, supports_prefix_sharing
 
 PREFIX = [2, 7, 8, 9, 10, 11]
 LABELS = [30, 31, 32]
@@ -28,11 +28,19 @@ def shared_continuations(seed: int = 0, n: int = 40) -> list[list[int]]:
     return continuations
 
 
-def one_by_one(model, continuations) -> np.ndarray:
-    """The reference: every prompt alone, uncached, no padding, no tree."""
+@torch.no_grad()
+def one_by_one(model, continuations, prefix=PREFIX) -> np.ndarray:
+    """The reference: a plain `model(...).logits` forward of every whole prompt alone."""
     return np.stack(
-        [score_prompts(model, PREFIX, [c], LABELS, use_prefix_cache=False).probabilities[0] for c in continuations]
+        [
+            torch.softmax(model(torch.tensor([list(prefix) + list(c)])).logits[0, -1, LABELS].double(), -1).numpy()
+            for c in continuations
+        ]
     )
+
+
+def scorer(model, prefix=PREFIX, **options) -> LabelScorer:
+    return LabelScorer(model, prefix, LABELS, **options)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
@@ -72,31 +80,25 @@ def test_supports_prefix_sharing(tiny_model):
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7, 100])
-@pytest.mark.parametrize("use_prefix_cache", [True, False])
-def test_shared_prefixes_equal_uncached_full_prompts(tiny_model, batch_size, use_prefix_cache):
+@pytest.mark.parametrize("mode", ["padded", "prefix_cache", "prefix_tree"])
+def test_every_mode_equals_a_plain_forward_of_each_prompt(tiny_model, batch_size, mode):
     continuations = shared_continuations()
     expected = one_by_one(tiny_model, continuations)
     assert expected.std(0).max() > 1e-3  # outputs differ between prompts, so a wrong order could not pass
-    got = score_prompts(
-        tiny_model,
-        PREFIX,
-        continuations,
-        LABELS,
-        batch_size=batch_size,
-        use_prefix_cache=use_prefix_cache,
-        share_prefixes=True,
-    )
+    got = scorer(tiny_model, mode=mode, batch_size=batch_size)(continuations)
     assert np.abs(got.probabilities - expected).max() <= 1e-5
-    plain = score_prompts(tiny_model, PREFIX, continuations, LABELS, batch_size=batch_size)
-    assert np.abs(got.label_space_mass - plain.label_space_mass).max() <= 1e-5
-    assert (got.top_token_is_label == plain.top_token_is_label).all()
+    with torch.no_grad():
+        last = torch.stack([tiny_model(torch.tensor([PREFIX + c])).logits[0, -1] for c in continuations])
+    mass = torch.softmax(last.double(), -1)[:, LABELS].sum(-1).numpy()
+    assert np.abs(got.label_space_mass - mass).max() <= 1e-5
+    assert (got.top_token_is_label == np.isin(last.argmax(-1).numpy(), LABELS)).all()
 
 
 @pytest.mark.parametrize(
     "continuations", [[[12]], [[12, 13, 14]], [[12, 13], [12, 13]], [[12], [12, 13], [12, 13, 14]]]
 )
 def test_shared_prefixes_edge_cases(tiny_model, continuations):
-    got = score_prompts(tiny_model, PREFIX, continuations, LABELS, batch_size=2, share_prefixes=True)
+    got = scorer(tiny_model, mode="prefix_tree", batch_size=2)(continuations)
     assert np.abs(got.probabilities - one_by_one(tiny_model, continuations)).max() <= 1e-5
 
 
@@ -109,10 +111,10 @@ def test_remembered_prefixes_carry_over_between_calls(tiny_model):
     hook = tiny_model.get_input_embeddings().register_forward_hook(lambda m, i, out: positions.append(out.shape[1]))
 
     def score_in_rounds(cache, rounds):
+        tree = scorer(tiny_model, mode="prefix_tree", batch_size=4)
+        tree.prefix_cache = cache  # the cache under test, with its own capacity
         for rows in rounds:
-            got = score_prompts(
-                tiny_model, PREFIX, continuations[rows], LABELS, 4, prefix_cache=cache, share_prefixes=True
-            )
+            got = tree(continuations[rows])
             assert np.abs(got.probabilities - expected[rows]).max() <= 1e-5
 
     try:
@@ -143,9 +145,8 @@ def test_remembered_prefixes_carry_over_between_calls(tiny_model):
 
 def test_shared_prefixes_without_instruction(tiny_model):
     continuations = shared_continuations(seed=1, n=12)
-    got = score_prompts(tiny_model, [], continuations, LABELS, batch_size=5, share_prefixes=True)
-    plain = score_prompts(tiny_model, [], continuations, LABELS, batch_size=5)
-    assert np.abs(got.probabilities - plain.probabilities).max() <= 1e-5
+    got = scorer(tiny_model, prefix=[], mode="prefix_tree", batch_size=5)(continuations)
+    assert np.abs(got.probabilities - one_by_one(tiny_model, continuations, prefix=[])).max() <= 1e-5
 
 
 def test_shared_prefixes_through_a_lora_adapter(tiny_model_dir):
@@ -159,17 +160,17 @@ def test_shared_prefixes_through_a_lora_adapter(tiny_model_dir):
     assert supports_prefix_sharing(model)  # the tree path runs, not the padded fallback
     continuations = shared_continuations(seed=2, n=20)
     for context in (model.disable_adapter, contextlib.nullcontext):
+        got = scorer(model, mode="prefix_tree", batch_size=8, state=context)(continuations)
         with context():
-            got = score_prompts(model, PREFIX, continuations, LABELS, batch_size=8, share_prefixes=True)
             assert np.abs(got.probabilities - one_by_one(model, continuations)).max() <= 1e-5
 
 
 @pytest.mark.slow
 def test_shared_prefixes_on_the_embedded_model_shap_variants(embedded_model_dir):
-    """The masked variants the explainer asks for, on SmolLM2: the tree matches the padded batches within 1e-5."""
+    """The masked variants the explainer asks for, on SmolLM2: the tree matches plain forwards within 1e-5."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from analysis.shap_explain import mask_tweet, normalize_tweet, tweet_masker
+    from analysis.explanation.shap_values import mask_tweet, normalize_tweet, tweet_masker
     from datamodules.prompts import PromptEncoder
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -184,11 +185,13 @@ def test_shared_prefixes_on_the_embedded_model_shap_variants(embedded_model_dir)
     keeps = [np.arange(n_tokens) < cut for cut in rng.integers(0, n_tokens + 1, 24)]
     keeps += [rng.random(n_tokens) < 0.7 for _ in range(16)] + [np.ones(n_tokens, bool), np.zeros(n_tokens, bool)]
     continuations = [encoder.continuation(mask_tweet(masker, text, keep)) for keep in keeps]
-    kwargs = dict(label_token_ids=encoder.label_token_ids, batch_size=16, pad_token_id=tokenizer.pad_token_id or 0)
-    plain = score_prompts(model, encoder.prefix_ids, continuations, **kwargs)
-    shared = score_prompts(model, encoder.prefix_ids, continuations, share_prefixes=True, **kwargs)
-    assert np.abs(shared.probabilities - plain.probabilities).max() <= 1e-5
-    assert np.abs(shared.label_space_mass - plain.label_space_mass).max() <= 1e-5
+    labels = encoder.label_token_ids
+    shared = LabelScorer(model, encoder.prefix_ids, labels, mode="prefix_tree", batch_size=16)(continuations)
+    with torch.no_grad():
+        last = torch.stack([model(torch.tensor([encoder.prefix_ids + c])).logits[0, -1] for c in continuations])
+    assert np.abs(shared.probabilities - torch.softmax(last[:, labels].double(), -1).numpy()).max() <= 1e-5
+    mass = torch.softmax(last.double(), -1)[:, labels].sum(-1).numpy()
+    assert np.abs(shared.label_space_mass - mass).max() <= 1e-5
     assert len(PrefixTree.build(continuations[:16]).prefixes) < sum(len(c) for c in continuations[:16])
 
 
@@ -244,14 +247,12 @@ def test_tree_attention_is_switched_on_for_one_forward_only(tiny_model):
 
 
 def test_label_only_head_gives_the_same_probabilities(tiny_model):
-    """full_vocabulary=False (the SHAP value function) computes only the label rows of the lm_head."""
+    """head="labels" (the SHAP value function) computes only the label rows of the lm_head."""
     continuations = shared_continuations(seed=6, n=20)
-    full = score_prompts(tiny_model, PREFIX, continuations, LABELS, batch_size=6)
-    for share in (False, True):
-        labels_only = score_prompts(
-            tiny_model, PREFIX, continuations, LABELS, batch_size=6, share_prefixes=share, full_vocabulary=False
-        )
-        assert np.abs(labels_only.probabilities - full.probabilities).max() <= 1e-5
+    expected = one_by_one(tiny_model, continuations)
+    for mode in ("prefix_cache", "prefix_tree"):
+        labels_only = scorer(tiny_model, mode=mode, head="labels", batch_size=6)(continuations)
+        assert np.abs(labels_only.probabilities - expected).max() <= 1e-5
         assert labels_only.label_space_mass is None and labels_only.top_token_is_label is None
 
 
@@ -260,21 +261,11 @@ def test_a_cache_reused_for_another_job_gives_the_bytes_of_a_fresh_one(tiny_mode
     first, second = shared_continuations(seed=7, n=30), shared_continuations(seed=8, n=30)
 
     def job(cache, continuations):
-        with cache.remembering():
+        tree = scorer(tiny_model, mode="prefix_tree", head="labels", batch_size=4)
+        tree.prefix_cache = cache
+        with tree.remembering():
             return np.concatenate(
-                [
-                    score_prompts(
-                        tiny_model,
-                        PREFIX,
-                        continuations[k : k + 10],
-                        LABELS,
-                        4,
-                        prefix_cache=cache,
-                        share_prefixes=True,
-                        full_vocabulary=False,
-                    ).probabilities
-                    for k in range(0, len(continuations), 10)
-                ]
+                [tree(continuations[k : k + 10]).probabilities for k in range(0, len(continuations), 10)]
             )
 
     used = PrefixCache(tiny_model, PREFIX, torch.device("cpu"))

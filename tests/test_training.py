@@ -8,7 +8,7 @@ import torch
 
 from datamodules import TweetSentimentDataModule
 from lightning_modules import ExportAdapter, LoRASentimentClassifier
-from lightning_modules.scoring import score_prompts
+from lightning_modules.scoring import LabelScorer
 
 
 def make_pair(folder: str, model_dir: str, **model_kwargs):
@@ -113,7 +113,7 @@ def test_exported_adapter_reproduces_the_module_logits(synthetic_folder, tiny_mo
 
 
 def label_logits_zero_shot(module, batch) -> torch.Tensor:
-    with module.zero_shot():
+    with module.adapter(False):
         return label_logits(module, batch)
 
 
@@ -143,17 +143,18 @@ def test_prefix_cached_scores_equal_plain_forward(synthetic_folder, tiny_model_d
     encoder = dm.encoder
     texts = [e.text for e in dm.eval_examples[:10]] + ["love", "the bus is so really awful on a monday day"]
     continuations = [encoder.continuation(t) for t in texts]
-    kwargs = dict(label_token_ids=encoder.label_token_ids, batch_size=4, pad_token_id=dm.tokenizer.pad_token_id)
-    cached = score_prompts(module.backbone, encoder.prefix_ids, continuations, use_prefix_cache=True, **kwargs)
-    plain = score_prompts(module.backbone, encoder.prefix_ids, continuations, use_prefix_cache=False, **kwargs)
-    one_by_one = [
-        score_prompts(module.backbone, encoder.prefix_ids, [c], use_prefix_cache=False, **kwargs).probabilities[0]
-        for c in continuations
-    ]
-    assert abs(cached.probabilities - plain.probabilities).max() <= 1e-5
-    assert abs(plain.probabilities - torch.tensor(one_by_one).numpy()).max() <= 1e-5
-    assert cached.probabilities.sum(1) == pytest.approx(1.0)
-    assert ((cached.label_space_mass > 0) & (cached.label_space_mass <= 1)).all()
+    labels = encoder.label_token_ids
+    with torch.no_grad():  # the oracle: one plain forward of each whole prompt
+        last = torch.stack([module.backbone(torch.tensor([encoder.encode(t).input_ids])).logits[0, -1] for t in texts])
+    expected = torch.softmax(last[:, labels].double(), -1).numpy()
+    expected_mass = torch.softmax(last.double(), -1)[:, labels].sum(-1).numpy()
+    for mode in ("prefix_cache", "padded"):
+        scores = LabelScorer(
+            module.backbone, encoder.prefix_ids, labels, mode=mode, batch_size=4, pad_token_id=dm.tokenizer.pad_token_id
+        )(continuations)
+        assert abs(scores.probabilities - expected).max() <= 1e-5, mode
+        assert abs(scores.label_space_mass - expected_mass).max() <= 1e-5, mode
+        assert scores.probabilities.sum(1) == pytest.approx(1.0)
 
 
 def test_4bit_nf4_path_trains_on_cpu(synthetic_folder, tiny_model_dir, tmp_path):

@@ -1,9 +1,10 @@
 """The original single-script experiment as one composition of our building blocks.
 
-`run_experiment` writes one training config for the run (`config.yaml`: the original experiment's config with the
-flags applied), then calls exactly what the separate commands call: the LightningCLI `fit` of `scripts/train.py`,
-`analysis.evaluation.evaluate` and `analysis.analyze.run_analysis`. It adds what only a whole run can know: the
-Quantum Pass badge, the `run.json` manifest and `report.html`.
+`run_experiment` writes the one configuration of the run (`config.yaml`: the original experiment's config with the
+flags applied, and the `compare`, `evaluate` and `explain` sections), then calls exactly what the separate commands
+call on it: the LightningCLI `fit` of `scripts/train.py`, `analysis.evaluation.run.evaluate` and
+`analysis.explanation.run.run_analysis`. The three commands accept the saved `config.yaml` as it is. It adds what
+only a whole run can know: the Quantum Pass badge, the `run.json` manifest and `report.html`.
 
 The hub token never reaches a file: it is moved into `HF_TOKEN` in this process's environment before anything
 runs, and every recorded configuration is passed through `without_secrets`.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import inspect
 import json
 import os
 import signal
@@ -25,12 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from analysis.badge import BADGE_FILE, BADGE_ID, BADGE_MANIFEST, PROJECT_ROOT, install_badge
-from analysis.baselines import BASELINES, DEFAULT_K, ZERO_SHOT, check_baselines, display_name
-from analysis.evaluation import PREDICTIONS_FILE, TENSORBOARD_DIR
-from analysis.files import write_json_atomic, write_text_atomic
-from analysis.report_html import REPORT_FILE, write_report
-from analysis.run_manifest import (
+from analysis.models import check_baselines, display_name
+from analysis.provenance.badge import BADGE_ID, PROJECT_ROOT, install_badge
+from analysis.provenance.manifest import (
     PhaseTimer,
     device_description,
     examples_fingerprint,
@@ -39,47 +38,91 @@ from analysis.run_manifest import (
     package_versions,
     without_secrets,
 )
-from lightning_modules.backbone import TOKEN_ENV_VARS
-from lightning_modules.errors import UserInputError
-from lightning_modules.export_adapter import ADAPTER_DIR
+from analysis.report.page import write_report
+from analysis.settings import CompareSettings, EvaluateSettings, ExplainSettings
+from datamodules.tweet_sentiment import DEFAULT_SEED, TweetSentimentDataModule
+from foundation.atomic_files import write_json_atomic, write_text_atomic
+from foundation.errors import UserInputError
+from foundation.hub import TOKEN_ENV_VARS
+from foundation.output_folder import check_output_dir
+from foundation.output_names import (
+    ADAPTER_DIR,
+    BADGE_FILE,
+    BADGE_MANIFEST,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LIGHTNING_LOGS_DIR,
+    MANIFEST_FILE,
+    PREDICTIONS_FILE,
+    REPORT_FILE,
+    TENSORBOARD_DIR,
+    shap_file,
+    shap_summary_plot,
+)
 
 # The original experiment (Llama-3.2-1B, 4-bit, 1 epoch, accumulation 4, LoRA r=16): the flags override its
 # model and data; everything else (trainer, LoRA, batch sizes) comes from here, as for `scripts/train.py`.
 BASE_CONFIG = PROJECT_ROOT / "configs" / "llama-3.2-1b.yaml"
-CONFIG_FILE = "config.yaml"
-MANIFEST_FILE = "run.json"
-SEED = 42
+_BASE = yaml.safe_load(BASE_CONFIG.read_text())
 # Written by Lightning during fit, next to the original's files.
-TRAINING_OUTPUTS = (ADAPTER_DIR, "checkpoints", "lightning_logs")
+TRAINING_OUTPUTS = (ADAPTER_DIR, CHECKPOINT_DIR, LIGHTNING_LOGS_DIR)
+
+
+def _data_default(name: str):
+    """The DataModule's default for one option: the single definition the original flags share."""
+    return inspect.signature(TweetSentimentDataModule.__init__).parameters[name].default
 
 
 @dataclass
 class ExperimentOptions:
-    """The original script's flags, with its names and defaults (`scripts/run_experiment.py --help`)."""
+    """The original script's flags, with its names and defaults (`scripts/run_experiment.py --help`). Each default
+    is read from where the option is defined: the original experiment's config, the DataModule, the settings."""
 
-    model_name: str = "meta-llama/Llama-3.2-1B"
-    dataset_name: str = "mteb/tweet_sentiment_extraction"
-    dataset_config: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    text_field: str = "text"
-    label_field: str = "label"
+    model_name: str = _BASE["model"]["model_name"]
+    """Hub id, local folder or embedded:smollm2-135m-instruct."""
+    dataset_name: str = _BASE["data"]["dataset_name"]
+    """Hub id, local file or folder, or embedded:crowdflower-tweets."""
+    dataset_config: str | None = _data_default("dataset_config")
+    """The hub dataset's configuration, if it has several."""
+    train_split: str = _data_default("train_split")
+    """Split to fine-tune on."""
+    eval_split: str = _data_default("eval_split")
+    """Split to evaluate and explain."""
+    text_field: str = _data_default("text_field")
+    """Column holding the tweet."""
+    label_field: str = _data_default("label_field")
+    """Column holding the label."""
     label_space: list[str] | None = None
-    train_subset: int | None = 2000
-    eval_subset: int | None = 1000
+    """Labels to keep, in order (ids or names; default: all in the data)."""
+    train_subset: int | None = _data_default("train_subset")
+    """Training examples (None = all)."""
+    eval_subset: int | None = _data_default("eval_subset")
+    """Evaluation examples (None = all)."""
     run_shap: bool = True
-    shap_example_count: int = 10
-    shap_max_evals: int = 200
-    load_in_4bit: bool = True
+    """Explain the first eval tweets with SHAP (--run-shap / --no-run-shap)."""
+    shap_example_count: int = ExplainSettings.example_count
+    """Eval tweets explained with SHAP."""
+    shap_max_evals: int = ExplainSettings.max_evals
+    """Model evaluations per tweet and model."""
+    load_in_4bit: bool = _BASE["model"]["load_in_4bit"]
+    """NF4 quantisation on a CUDA GPU (--load-in-4bit / --no-load-in-4bit)."""
     finetune: bool = False
+    """Train a LoRA adapter and compare it with the zero-shot model."""
     # Ours, beyond the original's flags: the prompt-only baselines evaluated (and explained) beside LoRA.
-    baselines: tuple[str, ...] = BASELINES
-    k_shot: int = DEFAULT_K
-    shap_baselines: tuple[str, ...] = (ZERO_SHOT,)
-    output_dir: str = "outputs/tweet_sentiment_extraction"
+    baselines: list[str] = field(default_factory=lambda: EvaluateSettings().baselines)
+    """Prompt-only models evaluated beside the fine-tuned one."""
+    k_shot: int = CompareSettings.k_shot
+    """Demonstrations in the k_shot baseline."""
+    shap_baselines: list[str] = field(default_factory=lambda: ExplainSettings().baselines)
+    """Baselines explained with SHAP beside the fine-tuned model."""
+    output_dir: str = _BASE["trainer"]["default_root_dir"]
+    """Folder for every file of the run."""
     project_badge_dir: str | None = None
+    """Where to copy the badge (default: the output folder)."""
     project_badge: bool = True
+    """Copy the Quantum Pass badge (--no-project-badge skips it)."""
     huggingface_token: str | None = field(default=None, repr=False)
+    """Token for gated hub repos; kept in this process's environment only (default: HF_TOKEN / HUGGINGFACE_TOKEN)."""
 
 
 @dataclass
@@ -91,13 +134,14 @@ class ExperimentResult:
     summary: list[str] = field(default_factory=list)
 
 
-# ---- the training config of the run -------------------------------------------------------------------------------
-def lightning_config(options: ExperimentOptions, output_dir: Path) -> dict:
-    """The LightningCLI config this run trains, evaluates and explains with (no secrets: the token is not a flag)."""
+# ---- the configuration of the run ---------------------------------------------------------------------------------
+def run_config(options: ExperimentOptions, output_dir: Path) -> dict:
+    """The one configuration this run trains, evaluates and explains with; the three separate commands accept it as
+    it is saved (no secrets: the token is not an option)."""
     import torch
 
     config = yaml.safe_load(BASE_CONFIG.read_text())
-    config["seed_everything"] = SEED
+    config["seed_everything"] = DEFAULT_SEED
     trainer = config["trainer"]
     trainer["default_root_dir"] = str(output_dir)
     if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
@@ -113,43 +157,36 @@ def lightning_config(options: ExperimentOptions, output_dir: Path) -> dict:
         label_space=list(options.label_space) if options.label_space else None,
         train_subset=options.train_subset,
         eval_subset=options.eval_subset,
-        seed=SEED,
+        seed=DEFAULT_SEED,
+    )
+    adapter = str(output_dir / ADAPTER_DIR) if options.finetune else None
+    config["compare"] = asdict(CompareSettings(adapter=adapter, k_shot=options.k_shot))
+    config["evaluate"] = asdict(EvaluateSettings(output_dir=str(output_dir), baselines=list(options.baselines)))
+    config["explain"] = asdict(
+        ExplainSettings(
+            output_dir=str(output_dir),
+            baselines=list(options.shap_baselines),
+            example_count=options.shap_example_count,
+            max_evals=options.shap_max_evals,
+        )
     )
     return config
 
 
-def check_options(options: ExperimentOptions) -> None:
-    check_baselines(options.baselines, options.k_shot)
+def check_options(options: ExperimentOptions, config: dict) -> None:
+    """The options that can be wrong, checked before anything is written: the same checks as the separate commands."""
+    from analysis.explanation.run import check_explain_options
+
+    compare = CompareSettings(**config["compare"])
+    check_baselines(options.baselines, compare.k_shot)
     if options.run_shap:
-        check_baselines(options.shap_baselines, options.k_shot)
+        check_explain_options(ExplainSettings(**config["explain"]), compare)
     for flag, value in (("--train-subset", options.train_subset), ("--eval-subset", options.eval_subset)):
         if value is not None and value < 1:
             raise UserInputError(f"{flag} must be a positive number of examples or None (all), got {value}.")
-    if options.run_shap and options.shap_example_count < 1:
-        raise UserInputError(f"--shap-example-count must be at least 1, got {options.shap_example_count}.")
-    if options.run_shap and options.shap_max_evals < 2:
-        raise UserInputError(
-            f"--shap-max-evals {options.shap_max_evals} is too small: SHAP needs at least the full and the empty "
-            "tweet (2); use about 2 x the tweet length or more (default 200)."
-        )
 
 
 # ---- phases -------------------------------------------------------------------------------------------------------
-def fit_adapter(config_path: Path):
-    """`scripts/train.py fit --config <config_path>`, in this process; returns the finished LightningCLI."""
-    from datamodules import TweetSentimentDataModule
-    from lightning_modules import LoRASentimentClassifier
-    from scripts.cli import SentimentCLI
-
-    return SentimentCLI(
-        LoRASentimentClassifier,
-        TweetSentimentDataModule,
-        seed_everything_default=SEED,
-        save_config_kwargs={"overwrite": True},
-        args=["fit", "--config", str(config_path)],
-    )
-
-
 def _release_memory() -> None:
     import torch
 
@@ -175,23 +212,14 @@ def _explained_fingerprint(path: Path) -> dict:
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------------
-@contextmanager
-def _program_name_only() -> Iterator[None]:
-    """LightningCLI, given explicit args, warns with a dump of `sys.argv`, which may hold the token: hide it."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 def run_experiment(
     options: ExperimentOptions,
     log: Callable[[str], None] = lambda message: print(message, flush=True),
 ) -> ExperimentResult:
     """Train (with `finetune`), evaluate, explain (with `run_shap`), then badge, manifest and report."""
-    with _program_name_only(), _sigterm_raises():
+    from analysis.configuration import program_name_only
+
+    with program_name_only(), _sigterm_raises():
         return _run(options, log)
 
 
@@ -217,32 +245,31 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentResult:
-    from analysis.evaluation import check_output_dir
-
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if options.huggingface_token:
         os.environ["HF_TOKEN"] = options.huggingface_token  # read by every loader; never written
     secrets = [options.huggingface_token] + [os.environ.get(name) for name in TOKEN_ENV_VARS]
     options = replace(options, huggingface_token=None)
-    check_options(options)
     folder = check_output_dir(options.output_dir)
+    config = run_config(options, folder)
+    check_options(options, config)
     badge_folder = None
     if options.project_badge:
         badge_folder = check_output_dir(options.project_badge_dir) if options.project_badge_dir else folder
         log(f"Quantum Pass badge: {BADGE_ID}")
 
-    run = ExperimentRun(options, folder, secrets, started)
+    run = ExperimentRun(options, folder, config, secrets, started)
     try:
-        adapter = None
         if options.finetune:
             log("== fine-tuning a LoRA adapter (scripts/train.py fit) ==")
-            adapter = run.train()
-        evaluated = [display_name(m, options.k_shot) for m in options.baselines] + (["fine-tuned"] if adapter else [])
+            run.train()
+        evaluated = [display_name(m, options.k_shot) for m in options.baselines]
+        evaluated += ["fine-tuned"] if options.finetune else []
         log(f"== evaluating: {', '.join(evaluated)} ==")
-        run.evaluate(adapter)
+        run.evaluate()
         if options.run_shap:
             log("== explaining with SHAP ==")
-            run.explain(adapter)
+            run.explain()
         return run.finish(badge_folder)
     except BaseException as error:
         run.save_manifest("interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed")
@@ -255,11 +282,10 @@ class ExperimentRun:
     `run.json` is rewritten after every phase, so an interrupted run still says what it did and how long it took.
     """
 
-    def __init__(self, options: ExperimentOptions, folder: Path, secrets: list[str | None], started: str):
+    def __init__(self, options: ExperimentOptions, folder: Path, config: dict, secrets: list[str | None], started: str):
         self.options, self.folder, self.secrets = options, folder, secrets
         self.timer = PhaseTimer()
         folder.mkdir(parents=True, exist_ok=True)
-        config = lightning_config(options, folder)
         self.config_path = write_text_atomic(folder / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
         recorded_options = {k: v for k, v in asdict(options).items() if k != "huggingface_token"}
         recorded_options["huggingface_token_given"] = any(secrets)
@@ -270,8 +296,13 @@ class ExperimentRun:
             "options": recorded_options,
             "config": config,  # what every phase read: config.yaml, the flags applied to the base config
             "lightning_config": None,  # LightningCLI's full dump of it, with every default, once training ran
-            "seed": SEED,
-            "seeds": {"seed_everything": SEED, "data_subsets": SEED, "bootstrap": 0, "shap": 0},
+            "seed": DEFAULT_SEED,
+            "seeds": {
+                "seed_everything": DEFAULT_SEED,
+                "data_subsets": DEFAULT_SEED,
+                "bootstrap": config["compare"]["seed"],
+                "shap": config["compare"]["seed"],
+            },
             "model": model_record(options.model_name),
             "data": {"train": None, "eval": None, "explained": None},
             "device": device_description(),
@@ -292,11 +323,13 @@ class ExperimentRun:
         write_json_atomic(self.folder / MANIFEST_FILE, without_secrets(self.manifest, self.secrets))
 
     def train(self) -> Path:
+        from analysis.configuration import fit
+
         with self.timer.phase("train"):
-            cli = fit_adapter(self.config_path)
+            cli = fit(self.config_path)
         datamodule = cli.datamodule
         self.manifest["data"]["train"] = examples_fingerprint(_labelled_texts(datamodule, datamodule.train_examples))
-        saved_config = Path(cli.trainer.log_dir or self.folder) / "config.yaml"
+        saved_config = Path(cli.trainer.log_dir or self.folder) / CONFIG_FILE
         if saved_config.is_file():
             self.manifest["lightning_config"] = yaml.safe_load(saved_config.read_text())
         del cli, datamodule
@@ -305,44 +338,33 @@ class ExperimentRun:
         self.save_manifest()
         return self.folder / ADAPTER_DIR
 
-    def evaluate(self, adapter: Path | None) -> None:
-        from analysis.evaluation import evaluate, summary_lines
+    def evaluate(self) -> None:
+        from analysis.configuration import load_run
+        from analysis.evaluation.run import check_evaluation, evaluate
+        from analysis.report.tables import evaluation_summary
 
         with self.timer.phase("evaluate"):
-            evaluation = evaluate(
-                config=self.config_path,
-                output_dir=self.folder,
-                adapter=adapter,
-                baselines=self.options.baselines,
-                k_shot=self.options.k_shot,
-            )
+            evaluation = evaluate(load_run(["--config", str(self.config_path)], check=check_evaluation))
         _release_memory()
         self.produced += [path.name for path in evaluation.files] + [TENSORBOARD_DIR]
         self.manifest["data"]["eval"] = _predictions_fingerprint(self.folder / PREDICTIONS_FILE)
-        self.summary += summary_lines(evaluation)
+        self.summary += evaluation_summary(evaluation)
         self.save_manifest()
 
-    def explain(self, adapter: Path | None) -> None:
-        from analysis.analyze import SHAP_FILES, SUMMARY_PLOTS, run_analysis, summary_lines
-        from analysis.evaluation import show_in_notebook
+    def explain(self) -> None:
+        from analysis.configuration import load_run
+        from analysis.evaluation.run import show_in_notebook
+        from analysis.explanation.run import check_explanation, run_analysis
+        from analysis.report.tables import analysis_summary
 
         with self.timer.phase("explain"):
-            result = run_analysis(
-                config=self.config_path,
-                adapter=adapter,
-                output_dir=self.folder,
-                example_count=self.options.shap_example_count,
-                max_evals=self.options.shap_max_evals,
-                baselines=self.options.shap_baselines,
-                k_shot=self.options.k_shot,
-                log=_to_stderr,
-            )
+            result = run_analysis(load_run(["--config", str(self.config_path)], check=check_explanation), _to_stderr)
         _release_memory()
         self.produced += [path.name for path in result.files]
-        first = self.folder / SHAP_FILES[result.models[0]]
+        first = self.folder / shap_file(result.models[0])
         self.manifest["data"]["explained"] = _explained_fingerprint(first)
-        self.summary += summary_lines(result)
-        show_in_notebook([self.folder / SUMMARY_PLOTS[model] for model in result.models])
+        self.summary += analysis_summary(result)
+        show_in_notebook([self.folder / shap_summary_plot(model) for model in result.models])
         self.save_manifest()
 
     def finish(self, badge_folder: Path | None) -> ExperimentResult:

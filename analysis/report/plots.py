@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis.classification_metrics import ECE_BINS, expected_calibration_error, reliability_bins
-from analysis.explanation_stats import FAITHFULNESS_MODES
-from analysis.files import write_bytes_atomic
+from analysis.statistics.classification import ECE_BINS, expected_calibration_error, reliability_bins
+from analysis.statistics.explanations import FAITHFULNESS_MODES
+from foundation.atomic_files import write_bytes_atomic
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:

@@ -49,7 +49,7 @@ def _probabilities_html(label_names: Sequence[str], probabilities: Sequence[floa
 def explanations_html(
     records: Sequence[Mapping], label_names: Sequence[str], display_names: Mapping[str, str], title: str
 ) -> str:
-    """The page for per-example records (as written by `analysis.analyze`): one section per example."""
+    """The page for per-example records (as written by `analysis.explanation.run`): one section per example."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

@@ -14,25 +14,31 @@ from collections.abc import Collection, Sequence
 from html import escape
 from pathlib import Path
 
-from analysis.baselines import MODEL_ORDER
-from analysis.baselines import display_name as model_display_name
-from analysis.files import write_text_atomic
+from analysis.models import MODEL_ORDER
+from analysis.models import display_name as model_display_name
+from foundation.atomic_files import write_text_atomic
+from foundation.output_names import (
+    COMPARISON_FILE,
+    CONFUSION_PLOT,
+    DELETION_PLOT,
+    EXPLANATIONS_FILE,
+    INTERPRETABILITY_FILE,
+    MANIFEST_FILE,
+    METRICS_PLOT,
+    RELIABILITY_PLOT,
+    REPORT_FILE,
+    shap_summary_plot,
+)
 
-REPORT_FILE = "report.html"
-MANIFEST_FILE = "run.json"
-COMPARISON_FILE = "comparison.json"
-INTERPRETABILITY_FILE = "interpretability_metrics.json"
-EXPLANATIONS_FILE = "explanations.html"
-BADGE_MANIFEST = "project_badge.json"
 FIGURES = (
-    ("metrics_comparison.png", "Headline metrics with 95 % bootstrap CIs"),
-    ("confusion_matrices.png", "Confusion matrices"),
-    ("reliability_diagram.png", "Reliability diagram"),
+    (METRICS_PLOT, "Headline metrics with 95 % bootstrap CIs"),
+    (CONFUSION_PLOT, "Confusion matrices"),
+    (RELIABILITY_PLOT, "Reliability diagram"),
     *(
-        (f"{model}_shap_summary.png", f"{model_display_name(model).capitalize()}: top tokens by total |SHAP|")
+        (shap_summary_plot(model), f"{model_display_name(model).capitalize()}: top tokens by total |SHAP|")
         for model in MODEL_ORDER
     ),
-    ("deletion_curves.png", "Faithfulness: deletion curves"),
+    (DELETION_PLOT, "Faithfulness: deletion curves"),
 )
 HEADLINE = (
     ("accuracy", "accuracy"),

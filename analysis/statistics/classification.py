@@ -25,7 +25,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from analysis.resampling import bootstrap_ci
+from analysis.statistics.resampling import bootstrap_ci
 
 ECE_BINS = 15
 Metric = Callable[[np.ndarray, np.ndarray], float]

@@ -1,7 +1,7 @@
 """Faithfulness of SHAP explanations: AOPC when the top tokens are removed or kept, against random rankings.
 
 The scoring glue only: tokens are removed exactly as the explainer masks them (`mask_tweet`), scored by the same
-value function, and the curves and their summaries come from `analysis.explanation_stats`.
+value function, and the curves and their summaries come from `analysis.statistics.explanations`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from analysis.explanation_stats import FAITHFULNESS_MODES, aopc, paired_test, random_order, summarize_faithfulness
-from analysis.shap_explain import TweetMasker, mask_tweet
+from analysis.explanation.shap_values import TweetMasker, mask_tweet
+from analysis.statistics.explanations import FAITHFULNESS_MODES, aopc, paired_test, random_order, summarize_faithfulness
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
 RANDOM_ORDERS = 3  # random rankings averaged per example: one alone makes a noisy baseline

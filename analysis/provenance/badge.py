@@ -5,13 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from analysis.files import write_bytes_atomic, write_json_atomic
+from foundation.atomic_files import write_bytes_atomic, write_json_atomic
+from foundation.output_names import BADGE_FILE, BADGE_MANIFEST
 
 BADGE_ID = "QNTM-42A9"
-BADGE_FILE = "quantum_identity_badge.svg"
-BADGE_MANIFEST = "project_badge.json"
 # The project root, whether the package is imported from a checkout or from an editable install of it.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BADGE_ASSET = PROJECT_ROOT / "assets" / "badges" / BADGE_FILE
 
 

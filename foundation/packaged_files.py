@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from lightning_modules.errors import UserInputError
+from foundation.errors import UserInputError
 
 
 def packaged_file(package: str, relative_path: str, alias: str, requirement: str) -> Path:

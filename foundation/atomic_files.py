@@ -1,7 +1,7 @@
-"""Atomic file writes for reports: a temp file in the target folder, then `os.replace`.
+"""Atomic writes: a temp file (or folder) beside the target, then `os.replace`.
 
-Readers, and a job killed half-way, see either the old file or the complete new one, never half a file.
-JSON is written strictly: NaN and infinities become `null` (json.dumps would emit the non-standard `NaN`).
+Readers, and a job killed half-way (even by `kill -9`), see either the old file or the complete new one, never half
+a file. JSON is written strictly: NaN and infinities become `null` (json.dumps would emit the non-standard `NaN`).
 """
 
 from __future__ import annotations
@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from lightning_modules.embedded_model import current_umask
 
-
-def _default_file_mode() -> int:
-    return 0o666 & ~current_umask()
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -29,7 +32,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates the file private (0600); give it the mode a plain open() would have.
-        os.chmod(tmp_name, _default_file_mode())
+        os.chmod(tmp_name, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -43,6 +46,38 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder beside `target`; on success it replaces `target` as a whole.
+
+    An exception (or a kill) leaves `target` as it was and no staging folder behind (a kill may leave a hidden
+    `.<name>-*` folder, never a half-written `target`). `keep_existing`: when `target` already exists on success
+    (another process finished first), keep that one and drop ours.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should read like any folder
+    try:
+        yield staging
+        if target.exists() and keep_existing:
+            return
+        if target.exists():
+            old = target.with_name(f".{target.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if not (keep_existing and target.exists()):  # not a concurrent winner: a real failure
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def to_json_ready(value):

@@ -3,7 +3,7 @@
 What is a feature. Only the tweet's tokens, exactly as `PromptEncoder.tweet_ids` encodes them; the instruction and
 the `Label:` tail are fixed context. shap's Text masker masks the tweet *string*; the value function puts every
 masked tweet back into the prompt through `PromptEncoder.continuation` (the one prompt builder) and reads the
-label-token probabilities through `score_prompts` (the one scorer), with the instruction's key/value cache
+label-token probabilities through the model's `LabelScorer` (the one scorer), with the instruction's key/value cache
 computed once per model state.
 
 How a token is masked. It is deleted (empty mask token), not replaced by a placeholder. A causal LM has no mask
@@ -13,7 +13,7 @@ empty tweet, so the base value is the model's prediction with no tweet evidence 
 remove tokens the same way, so SHAP and AOPC answer the same question.
 
 All explained models see identical masked inputs: one Partition explainer evaluates every model's value function
-(e.g. zero-shot and fine-tuned, or any baseline of `analysis.baselines`) side by side on every coalition it
+(e.g. zero-shot and fine-tuned, or any baseline of `analysis.models`) side by side on every coalition it
 chooses (its outputs are the probability vectors concatenated), so a difference between the explanations is never
 a difference in which coalitions were sampled. A k-shot baseline reads the same tweet tokens after a longer prefix;
 a calibrated baseline's value function is the calibrated probabilities.
@@ -29,14 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import shap
-import torch
 
 from datamodules.prompts import PromptEncoder
-from lightning_modules.scoring import PrefixCache, score_prompts
+from lightning_modules.scoring import LabelScorer
 
-TARGETS = ("predicted", "gold")
-# Coalitions the explainer asks for per round; independent of the forward batch size, so changing --batch-size
-# (e.g. for memory) never changes which coalitions a budget-limited run evaluates.
+# Coalitions the explainer asks for per round; independent of the forward batch size, so changing
+# --explain.forward_batch_size (e.g. for memory) never changes which coalitions a budget-limited run evaluates.
 MASKS_PER_ROUND = 32
 BUDGET_NOTE = (
     "shap's Partition explainer spends 2 evaluations on the full and the empty tweet and 2 per split of a group of "
@@ -123,98 +121,73 @@ def fit_to_budget(encoder: PromptEncoder, text: str, budget: int | None = None) 
 
 # ---- the value function -----------------------------------------------------------------------------------------
 class LabelProbabilities:
-    """Value function of one model state: tweet strings -> label-token probabilities, shape (n, classes).
+    """Value function of one model: tweet strings -> label-token probabilities, shape (n, classes).
 
-    `state` is entered around every call (e.g. `module.zero_shot` disables the adapter), and the prefix cache is
-    computed inside it once, on first use, so each model state gets its own instruction cache. `transform` maps
-    the raw label probabilities to the explained ones (e.g. contextual calibration).
-
-    `share_prefixes`: masked variants of one tweet share leading tokens; each batch runs as one prefix tree (every
-    distinct prefix computed once, no pads), and inside `remembering()` later calls reuse the prefixes of earlier
-    ones (see `lightning_modules.scoring`). The probabilities equal the padded path's up to float rounding.
+    Each tweet goes back into the prompt through `PromptEncoder.continuation` (the one prompt builder) and is scored
+    by the model's `LabelScorer` (the one scorer; it enters the model's adapter state itself). `transform` maps the
+    raw label probabilities to the explained ones (e.g. contextual calibration). With a `prefix_tree` scorer, the
+    masked variants of one tweet share their leading tokens: each batch runs as one prefix tree, and inside
+    `remembering()` later calls reuse the prefixes of earlier ones; the probabilities equal a plain forward's up to
+    float rounding.
     """
 
-    def __init__(
-        self,
+    def __init__(self, scorer: LabelScorer, encoder: PromptEncoder, transform=None):
+        self.scorer = scorer
+        self.encoder = encoder
+        self.transform = transform
+        self.evaluations = 0
+
+    @classmethod
+    def for_model(
+        cls,
         model,
         encoder: PromptEncoder,
         batch_size: int = 16,
+        mode: str = "prefix_tree",
         state: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-        use_prefix_cache: bool = True,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
-        share_prefixes: bool = True,
-    ):
-        self.model = model
-        self.transform = transform
-        self.share_prefixes = share_prefixes
-        self.encoder = encoder
-        self.batch_size = batch_size
-        self.state = state
-        self.use_prefix_cache = use_prefix_cache
-        self.pad_token_id = encoder.tokenizer.pad_token_id or 0
-        self.prefix_cache: PrefixCache | None = None
-        self.evaluations = 0
+    ) -> LabelProbabilities:
+        """The value function of a plain `*ForCausalLM` (or peft model) in the caller's state."""
+        scorer = LabelScorer(
+            model,
+            encoder.prefix_ids,
+            encoder.label_token_ids,
+            mode=mode,
+            head="labels",  # only the label tokens' logits are explained
+            batch_size=batch_size,
+            pad_token_id=encoder.tokenizer.pad_token_id or 0,
+            state=state,
+        )
+        return cls(scorer, encoder, transform)
 
     @property
     def remembers(self) -> bool:
         """Whether calls inside `remembering()` reuse the prefixes earlier calls computed."""
-        return self.use_prefix_cache and self.share_prefixes
-
-    def _ensure_prefix_cache(self) -> None:
-        if self.use_prefix_cache and self.prefix_cache is None:
-            with self.state():
-                device = next(self.model.parameters()).device
-                self.prefix_cache = PrefixCache(self.model, self.encoder.prefix_ids, device)
+        return self.scorer.remembers
 
     @contextlib.contextmanager
     def remembering(self) -> Iterator[None]:
         """Reuse computed tweet prefixes across calls inside the block (one tweet's explanation); forgotten after.
 
         Scoped to one tweet so that every tweet's values are computed the same way whichever tweets came before
-        (resumed and sharded runs stay byte-identical to a straight run).
+        (resumed and sharded runs give the same values as a straight run with the same threads).
         """
-        if not self.remembers:
-            yield
-            return
-        self._ensure_prefix_cache()
-        with self.prefix_cache.remembering():
+        with self.scorer.remembering():
             yield
 
-    @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         continuations = [self.encoder.continuation(str(text)) for text in texts]
-        self._ensure_prefix_cache()
-        with self.state():
-            scores = score_prompts(
-                self.model,
-                self.encoder.prefix_ids,
-                continuations,
-                self.encoder.label_token_ids,
-                batch_size=self.batch_size,
-                use_prefix_cache=self.use_prefix_cache,
-                pad_token_id=self.pad_token_id,
-                prefix_cache=self.prefix_cache,
-                share_prefixes=self.share_prefixes,
-                full_vocabulary=False,  # only the label tokens' logits are explained
-            )
+        probabilities = self.scorer(continuations).probabilities
         self.evaluations += len(continuations)
-        probabilities = scores.probabilities
         return probabilities if self.transform is None else self.transform(probabilities)
 
 
-def model_value_functions(
-    module, specs: Mapping, batch_size: int = 16, use_prefix_cache: bool = True
-) -> dict[str, LabelProbabilities]:
-    """One value function per `analysis.baselines.ModelSpec` (prompt, adapter state, calibration), in eval mode."""
+def model_value_functions(module, specs: Mapping, batch_size: int = 16) -> dict[str, LabelProbabilities]:
+    """One value function per `analysis.models.ModelSpec` (prompt, adapter state, calibration), in eval mode."""
     module.eval()  # LoRA dropout off: explanations of a deterministic function
     return {
         name: LabelProbabilities(
-            module.backbone,
-            spec.encoder,
-            batch_size,
-            state=lambda spec=spec: spec.state(module),
-            use_prefix_cache=use_prefix_cache,
-            transform=spec.transform,
+            spec.scorer(module, mode="prefix_tree", head="labels", batch_size=batch_size), spec.encoder, spec.transform
         )
         for name, spec in specs.items()
     }
@@ -386,7 +359,7 @@ def budget_resolution(n_tokens: int, max_evals: int, evals_used: int, evals_for_
 
 # ---- files: one record per example, gathered into one JSON per model ---------------------------------------------
 def explanation_file_content(model: str, records: Sequence[dict], label_names: Sequence[str], settings: dict) -> dict:
-    """The `<model>_shap.json` content from per-example records (see `analysis.analyze`)."""
+    """The `<model>_shap.json` content from per-example records (see `analysis.explanation.run`)."""
     return {
         "model": model,
         "output_names": list(label_names),

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.calibration import CONTENT_FREE_INPUTS, calibrate, content_free_prior
-from lightning_modules.errors import UserInputError
+from analysis.statistics.calibration import CONTENT_FREE_INPUTS, calibrate, content_free_prior
+from foundation.errors import UserInputError
 
 ZERO_SHOT = "zero_shot"
 CALIBRATED = "zero_shot_calibrated"
@@ -68,8 +68,23 @@ class ModelSpec:
     content_free_probabilities: np.ndarray | None = None
 
     def state(self, module) -> contextlib.AbstractContextManager:
-        """The module state this model is read in: adapter enabled, or disabled (`module.zero_shot`)."""
-        return contextlib.nullcontext() if self.use_adapter else module.zero_shot()
+        """The module state this model is read in: `module.adapter(enabled)`."""
+        return module.adapter(self.use_adapter)
+
+    def scorer(self, module, mode: str = "prefix_cache", head: str = "full", batch_size: int = 16):
+        """This model's `LabelScorer` (raw label probabilities: `transform` applies the calibration)."""
+        from lightning_modules.scoring import LabelScorer  # torch: only where a model is scored
+
+        return LabelScorer(
+            module.backbone,
+            self.encoder.prefix_ids,
+            self.encoder.label_token_ids,
+            mode=mode,
+            head=head,
+            batch_size=batch_size,
+            pad_token_id=self.encoder.tokenizer.pad_token_id or 0,
+            state=lambda: self.state(module),
+        )
 
     def transform(self, probabilities: np.ndarray) -> np.ndarray:
         """Raw label probabilities -> this model's probabilities (calibration, where it has a prior)."""
@@ -94,20 +109,11 @@ class ModelSpec:
 
 def content_free_probabilities(module, encoder, inputs=CONTENT_FREE_INPUTS) -> np.ndarray:
     """Label probabilities of the base model (adapter disabled, eval mode) with each content-free input as the tweet."""
-    from lightning_modules.scoring import score_prompts  # torch: only where a model is scored
-
+    scorer = ModelSpec(ZERO_SHOT, encoder, use_adapter=False).scorer(module, batch_size=len(inputs))
     was_training = module.training
     module.eval()
     try:
-        with module.zero_shot():
-            scores = score_prompts(
-                module.backbone,
-                encoder.prefix_ids,
-                [encoder.continuation(text) for text in inputs],
-                encoder.label_token_ids,
-                batch_size=len(inputs),
-                pad_token_id=encoder.tokenizer.pad_token_id or 0,
-            )
+        scores = scorer([encoder.continuation(text) for text in inputs])
     finally:
         module.train(was_training)
     return scores.probabilities

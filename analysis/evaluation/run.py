@@ -1,6 +1,6 @@
 """Baselines vs fine-tuned evaluation: score every model through the module's predict loop, then metrics and files.
 
-The compared models are those of `analysis.baselines`: raw zero-shot, calibrated zero-shot, k-shot and, given an
+The compared models are those of `analysis.models`: raw zero-shot, calibrated zero-shot, k-shot and, given an
 adapter, the fine-tuned model. Each gets a `<model>_metrics.json`; `comparison.json` compares every baseline with
 the fine-tuned model (without an adapter: every other baseline with raw zero-shot).
 
@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analysis.baselines import (
-    BASELINES,
-    DEFAULT_K,
+from analysis.models import (
     FINE_TUNED,
     MODEL_ORDER,
     ModelSpec,
@@ -28,18 +26,23 @@ from analysis.baselines import (
     display_name,
     model_specs,
 )
-from analysis.classification_metrics import classification_metrics, compare_predictions, holm_adjust
-from analysis.files import write_json_atomic, write_jsonl_atomic
-from analysis.plots import plot_confusion_matrices, plot_metric_comparison, plot_reliability
-from lightning_modules.errors import UserInputError
+from analysis.report.plots import plot_confusion_matrices, plot_metric_comparison, plot_reliability
+from analysis.statistics.classification import classification_metrics, compare_predictions, holm_adjust
+from foundation.atomic_files import write_json_atomic, write_jsonl_atomic
+from foundation.output_folder import check_output_dir, require_output_dir
+from foundation.output_names import (
+    COMPARISON_FILE,
+    CONFUSION_PLOT,
+    METRICS_PLOT,
+    PREDICTIONS_FILE,
+    RELIABILITY_PLOT,
+    TENSORBOARD_DIR,
+    metrics_file,
+)
 
-METRICS_FILES = {model: f"{model}_metrics.json" for model in MODEL_ORDER}
-PREDICTIONS_FILE = "predictions.jsonl"
-COMPARISON_FILE = "comparison.json"
-METRICS_PLOT = "metrics_comparison.png"
-CONFUSION_PLOT = "confusion_matrices.png"
-RELIABILITY_PLOT = "reliability_diagram.png"
-TENSORBOARD_DIR = "tensorboard"
+if TYPE_CHECKING:
+    from analysis.configuration import LoadedRun
+
 # Logged to TensorBoard as `<model>/<name>`; the JSON files hold everything.
 TENSORBOARD_METRICS = (
     "accuracy",
@@ -79,30 +82,8 @@ class EvaluationResult:
     removed_stale: list[Path] = field(default_factory=list)
 
 
-# ---- checks -----------------------------------------------------------------------------------------------------
-def check_output_dir(path: str | Path) -> Path:
-    """The absolute output folder, after checking it can be written, without creating anything."""
-    folder = Path(path).expanduser().resolve()
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserInputError(
-            f"Cannot write to the output folder '{folder}': '{existing}' is a file, not a folder; "
-            "choose another --output-dir."
-        )
-    try:
-        with tempfile.TemporaryFile(dir=existing):  # unlinked at once: leaves nothing behind
-            pass
-    except OSError as error:
-        raise UserInputError(
-            f"Cannot write to the output folder '{folder}' ({error.strerror}); choose another --output-dir."
-        ) from error
-    return folder
-
-
 # ---- scoring ----------------------------------------------------------------------------------------------------
-def make_predict_trainer(accelerator: str = "auto", progress_bar: bool = True):
+def make_predict_trainer(accelerator: str = "auto", progress_bar: bool | None = True):
     import lightning as L
 
     return L.Trainer(
@@ -111,7 +92,7 @@ def make_predict_trainer(accelerator: str = "auto", progress_bar: bool = True):
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=progress_bar,
+        enable_progress_bar=True if progress_bar is None else progress_bar,
     )
 
 
@@ -120,14 +101,11 @@ def score_eval_split(trainer, module, datamodule, use_adapter: bool, encoder=Non
 
     `encoder`: another prompt for the same examples (e.g. k-shot); default the data's own prompt.
     """
-    module.use_adapter = use_adapter
-    try:
+    with module.adapter(use_adapter):
         if encoder is None:
             batches = trainer.predict(module, datamodule=datamodule)
         else:
             batches = trainer.predict(module, dataloaders=datamodule.eval_dataloader_for(encoder))
-    finally:
-        module.use_adapter = True
     index = np.concatenate([batch["index"] for batch in batches])
     n = len(datamodule.eval_examples)
     if sorted(index.tolist()) != list(range(n)):
@@ -211,30 +189,20 @@ def prediction_rows(examples, label_names: list[str], scores: dict[str, ModelSco
     return rows
 
 
-def source_record(
-    spec: ModelSpec,
-    module,
-    datamodule,
-    config: str | Path | None,
-    overrides: list[str],
-    adapter: Path | None,
-    adapter_meta: dict | None,
-    n_resamples: int,
-    seed: int,
-) -> dict:
+def source_record(spec: ModelSpec, run: LoadedRun, adapter: Path | None, adapter_meta: dict | None) -> dict:
     """What produced a metrics file. Holds names and paths only: the token stays in the environment."""
-    hp = datamodule.hparams
+    hp = run.datamodule.hparams
     model = spec.name
     return {
         **spec.describe(),
         "display_name": display_name(model, len(spec.encoder.demonstrations)),
-        "base_model": module.hparams.model_name,
+        "base_model": run.module.hparams.model_name,
         "adapter": str(adapter) if model == FINE_TUNED and adapter else None,
         "adapter_trained_on": (
             {k: adapter_meta.get(k) for k in ("base_model", "label_names")} if model == FINE_TUNED else None
         ),
-        "config": str(Path(config).resolve()) if config else None,
-        "overrides": list(overrides),
+        "config": str(run.config_path) if run.config_path else None,
+        "overrides": list(run.arguments),
         "dataset": {
             "name": hp.dataset_name,
             "config": hp.dataset_config,
@@ -244,7 +212,7 @@ def source_record(
             "label_space": hp.label_space,
         },
         "prompt": {**spec.encoder.describe(), "dataset_name": hp.dataset_name},
-        "bootstrap": {"n_resamples": n_resamples, "seed": seed},
+        "bootstrap": {"n_resamples": run.compare.n_resamples, "seed": run.compare.seed},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -283,43 +251,40 @@ def show_in_notebook(paths: list[Path]) -> bool:
 
 
 # ---- the whole run ----------------------------------------------------------------------------------------------
-def evaluate(
-    config: str | Path,
-    output_dir: str | Path,
-    adapter: str | Path | None = None,
-    eval_subset: int | None = None,
-    batch_size: int | None = None,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    accelerator: str = "auto",
-    progress_bar: bool = True,
-    extra_overrides: list[str] | None = None,
-    baselines: tuple[str, ...] | list[str] = BASELINES,
-    k_shot: int = DEFAULT_K,
-) -> EvaluationResult:
-    """Score the baselines (adapter disabled) and, given `adapter`, the fine-tuned model; write the reports.
+@dataclass
+class EvaluationPlan:
+    """What a run will do, derived from its settings before any model is loaded."""
 
-    `baselines`: any of `zero_shot`, `zero_shot_calibrated`, `k_shot` (with `k_shot` demonstrations). Metrics
-    files of models this run did not evaluate are removed from the folder, so it never mixes two runs.
+    folder: Path
+    adapter: Path | None
+    baselines: list[str]
+
+
+def check_evaluation(settings: dict) -> EvaluationPlan:
+    """Everything about the evaluation options that can be wrong, checked without loading a model."""
+    from lightning_modules.adapters import existing_adapter
+
+    compare, evaluate_settings = settings["compare"], settings["evaluate"]
+    baselines = check_baselines(evaluate_settings.baselines, compare.k_shot)
+    folder = check_output_dir(require_output_dir(evaluate_settings.output_dir))
+    return EvaluationPlan(folder, existing_adapter(compare.adapter), baselines)
+
+
+def evaluate(run: LoadedRun) -> EvaluationResult:
+    """Score the baselines (adapter disabled) and, given an adapter, the fine-tuned model; write the reports.
+
+    Metrics files of models this run did not evaluate are removed from the folder, so it never mixes two runs.
     """
-    from lightning_modules.adapters import existing_adapter, load_adapter
-    from scripts.cli import build_from_config
+    from lightning_modules.adapters import load_adapter
 
-    baselines = check_baselines(baselines, k_shot)
-    folder = check_output_dir(output_dir)
-    adapter_path = existing_adapter(adapter)
-    overrides = list(extra_overrides or [])
-    if eval_subset is not None:
-        overrides += ["--data.eval_subset", str(eval_subset)]
-    if batch_size is not None:
-        overrides += ["--data.eval_batch_size", str(batch_size)]
-    datamodule, module = build_from_config(str(config), overrides)
+    plan = check_evaluation({"compare": run.compare, "evaluate": run.evaluate})
+    datamodule, module, compare = run.datamodule, run.module, run.compare
     label_names = datamodule.label_names
-    adapter_meta = load_adapter(module, adapter_path, datamodule.prompt_description()) if adapter_path else None
+    adapter_meta = load_adapter(module, plan.adapter, datamodule.prompt_description()) if plan.adapter else None
 
-    models = baselines + ([FINE_TUNED] if adapter_path else [])
-    specs = model_specs(module, datamodule, models, k_shot)
-    trainer = make_predict_trainer(accelerator, progress_bar)
+    models = plan.baselines + ([FINE_TUNED] if plan.adapter else [])
+    specs = model_specs(module, datamodule, models, compare.k_shot)
+    trainer = make_predict_trainer(run.trainer.get("accelerator") or "auto", run.trainer.get("enable_progress_bar"))
     scores = score_models(trainer, module, datamodule, specs)
 
     examples = datamodule.eval_examples
@@ -332,22 +297,20 @@ def evaluate(
             label_names,
             label_space_mass=score.label_space_mass,
             top_token_is_label=score.top_token_is_label,
-            n_resamples=n_resamples,
-            seed=seed,
+            n_resamples=compare.n_resamples,
+            seed=compare.seed,
         )
-        values["source"] = source_record(
-            specs[model], module, datamodule, config, overrides, adapter_path, adapter_meta, n_resamples, seed
-        )
+        values["source"] = source_record(specs[model], run, plan.adapter, adapter_meta)
         metrics[model] = values
-    reference = FINE_TUNED if adapter_path else models[0]
-    comparison = compare_models(y_true, scores, n_resamples, seed, reference)
+    reference = FINE_TUNED if plan.adapter else models[0]
+    comparison = compare_models(y_true, scores, compare.n_resamples, compare.seed, reference)
     if comparison:
         shared = ("base_model", "adapter", "config", "overrides", "dataset", "bootstrap", "created")
         comparison["source"] = {key: metrics[reference]["source"][key] for key in shared}
         comparison["display_names"] = {model: metrics[model]["source"]["display_name"] for model in metrics}
 
     # Everything is computed: only now touch the output folder.
-    result = write_reports(folder, datamodule.eval_examples, label_names, scores, metrics, comparison)
+    result = write_reports(plan.folder, datamodule.eval_examples, label_names, scores, metrics, comparison)
     show_in_notebook(result.figures)
     return result
 
@@ -364,11 +327,11 @@ def write_reports(
     folder.mkdir(parents=True, exist_ok=True)
     result = EvaluationResult(folder, metrics, comparison)
     for model, values in metrics.items():
-        result.files.append(write_json_atomic(folder / METRICS_FILES[model], values))
+        result.files.append(write_json_atomic(folder / metrics_file(model), values))
     result.files.append(write_jsonl_atomic(folder / PREDICTIONS_FILE, prediction_rows(examples, label_names, scores)))
     if comparison:
         result.files.append(write_json_atomic(folder / COMPARISON_FILE, comparison))
-    stale = [folder / METRICS_FILES[model] for model in MODEL_ORDER if model not in metrics]
+    stale = [folder / metrics_file(model) for model in MODEL_ORDER if model not in metrics]
     stale += [] if comparison else [folder / COMPARISON_FILE]
     for path in stale:
         if path.is_file():
@@ -385,54 +348,3 @@ def write_reports(
     result.files.extend(result.figures)
     log_to_tensorboard(folder / TENSORBOARD_DIR, metrics, comparison)
     return result
-
-
-def metrics_table(metrics: dict[str, dict]) -> list[str]:
-    """A Markdown table of every model's headline metrics with 95 % CIs (the README's table comes from here)."""
-
-    def with_ci(values: dict, name: str) -> str:
-        ci = values["confidence_intervals"][name]
-        return f"{values[name]:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
-
-    lines = [
-        "| model | accuracy [95% CI] | macro-F1 [95% CI] | MCC | ECE | format compliance | n |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for values in metrics.values():
-        lines.append(
-            f"| {values['source']['display_name']} | {with_ci(values, 'accuracy')} | {with_ci(values, 'macro_f1')} "
-            f"| {values['mcc']:.3f} | {values['ece']:.3f} | {values['format_compliance']:.3f} "
-            f"| {values['n_examples']} |"
-        )
-    return lines
-
-
-def comparison_lines(comparison: dict | None) -> list[str]:
-    """One line per compared pair: accuracy and macro-F1 differences with CIs, McNemar p (raw and Holm)."""
-    if not comparison:
-        return []
-    names = comparison.get("display_names", {})
-    lines = []
-    for values in comparison["comparisons"].values():
-        model, baseline = names.get(values["model"], values["model"]), names.get(values["baseline"], values["baseline"])
-        parts = []
-        for metric in ("accuracy", "macro_f1"):
-            d = values["differences"][metric]
-            parts.append(f"{metric} {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
-        mcnemar = values["mcnemar"]
-        lines.append(
-            f"{model} - {baseline}: {', '.join(parts)}; McNemar p = {mcnemar['p_value']:.3g} "
-            f"(Holm {mcnemar['p_value_holm']:.3g}, {mcnemar['n_discordant']} discordant)"
-        )
-    return lines
-
-
-def summary_lines(result: EvaluationResult) -> list[str]:
-    """A short human-readable report of a run: headline metrics with CIs, the comparisons, the files."""
-    lines = metrics_table(result.metrics) + comparison_lines(result.comparison)
-    for stale in result.removed_stale:
-        lines.append(f"removed {stale} from an earlier run with other models")
-    lines.append(f"results in {result.output_dir}")
-    lines.append("figures:")
-    lines.extend(f"  {path.resolve()}" for path in result.figures)
-    return lines

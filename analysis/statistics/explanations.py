@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-from analysis.resampling import bootstrap_ci
+from analysis.statistics.resampling import bootstrap_ci
 
 PAIRED_EXAMPLE_STATISTICS = (
     "cosine_similarity",

@@ -1,0 +1,98 @@
+"""The commands behind `scripts/evaluate.py`, `scripts/analyze.py` (and `python -m analysis`) and
+`scripts/run_experiment.py`: parse the one configuration, run, exit with a clear message.
+
+evaluate and analyze accept `--config FILE` (any config of this project: a training config, or the `config.yaml` a
+one-command run saved), every dotted option (`--data.eval_subset 9`, `--explain.max_evals 500`; see `--help`),
+`--print_config`, and the dashed flags the README documents, which are aliases of dotted options.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+from analysis.configuration import Alias, load_run, run_reporting_user_errors, translate_aliases
+
+# Options both commands share.
+_COMPARE = {
+    "--adapter": Alias("--compare.adapter"),
+    "--k-shot": Alias("--compare.k_shot"),
+    "--n-resamples": Alias("--compare.n_resamples"),
+    "--seed": Alias("--compare.seed"),
+}
+EVALUATE_ALIASES = {
+    **_COMPARE,
+    "--output-dir": Alias("--evaluate.output_dir"),
+    "--baselines": Alias("--evaluate.baselines", "list"),
+    "--eval-subset": Alias("--data.eval_subset", "subset"),
+    "--batch-size": Alias("--data.eval_batch_size"),
+    "--accelerator": Alias("--trainer.accelerator"),
+}
+ANALYZE_ALIASES = {
+    **_COMPARE,
+    "--output-dir": Alias("--explain.output_dir"),
+    "--baselines": Alias("--explain.baselines", "list"),
+    "--shap-example-count": Alias("--explain.example_count"),
+    "--shap-max-evals": Alias("--explain.max_evals"),
+    "--target": Alias("--explain.target"),
+    "--num-shards": Alias("--explain.num_shards"),
+    "--shard-index": Alias("--explain.shard_index"),
+}
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """Baselines (raw and calibrated zero-shot, k-shot) vs fine-tuned: metrics, predictions and plots."""
+    from analysis.evaluation.run import check_evaluation, evaluate
+    from analysis.report.tables import evaluation_summary
+
+    arguments = translate_aliases(sys.argv[1:] if argv is None else argv, EVALUATE_ALIASES)
+    return run_reporting_user_errors(lambda: evaluation_summary(evaluate(load_run(arguments, check=check_evaluation))))
+
+
+def analyze_main(argv: Sequence[str] | None = None) -> int:
+    """SHAP explanations of baselines and the fine-tuned model on the first N eval tweets, with statistics."""
+    from analysis.explanation.run import check_explanation, run_analysis
+    from analysis.report.tables import analysis_summary
+
+    arguments = translate_aliases(sys.argv[1:] if argv is None else argv, ANALYZE_ALIASES)
+    return run_reporting_user_errors(
+        lambda: analysis_summary(run_analysis(load_run(arguments, check=check_explanation)))
+    )
+
+
+def experiment_aliases() -> dict[str, Alias]:
+    """The original script's dashed flags (`--model-name`, `--no-run-shap`, ...) for `ExperimentOptions`' fields."""
+    from analysis.provenance.experiment import ExperimentOptions
+
+    aliases = {}
+    for option in fields(ExperimentOptions):
+        dotted, dashed = f"--{option.name}", "--" + option.name.replace("_", "-")
+        kind = {"train_subset": "subset", "eval_subset": "subset"}.get(option.name, "value")
+        if option.type.startswith("list"):
+            kind = "list"
+        if option.type == "bool":
+            aliases[dashed] = Alias(dotted, "true")
+            aliases["--no-" + dashed[2:]] = Alias(dotted, "false")
+        else:
+            aliases[dashed] = Alias(dotted, kind)
+    return aliases
+
+
+def parse_experiment_options(argv: Sequence[str]):
+    """`ExperimentOptions` from the original script's flags (or their underscored names); bad values exit 2."""
+    from jsonargparse import ArgumentParser
+
+    from analysis.provenance.experiment import ExperimentOptions
+
+    parser = ArgumentParser(description=experiment_main.__doc__)
+    parser.add_class_arguments(ExperimentOptions, instantiate=False)
+    return ExperimentOptions(**dict(parser.parse_args(translate_aliases(argv, experiment_aliases()))))
+
+
+def experiment_main(argv: Sequence[str] | None = None) -> int:
+    """The original experiment in one command: fine-tune, evaluate, explain, report."""
+    from analysis.provenance.experiment import run_experiment
+
+    options = parse_experiment_options(sys.argv[1:] if argv is None else argv)
+    return run_reporting_user_errors(lambda: run_experiment(options).summary)

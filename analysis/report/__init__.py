@@ -1,0 +1,1 @@
+"""Report: figures, the self-contained HTML pages and the text tables the commands print."""

@@ -1,0 +1,44 @@
+"""Every file and folder name the commands write, in one place (the README's output tables list them)."""
+
+from __future__ import annotations
+
+# fit (scripts/train.py)
+ADAPTER_DIR = "lora_adapter"
+CLASSIFICATION_FILE = "classification.json"  # inside ADAPTER_DIR: base model, labels and prompt it was trained with
+CHECKPOINT_DIR = "checkpoints"
+LIGHTNING_LOGS_DIR = "lightning_logs"
+
+# evaluation (scripts/evaluate.py)
+PREDICTIONS_FILE = "predictions.jsonl"
+COMPARISON_FILE = "comparison.json"
+METRICS_PLOT = "metrics_comparison.png"
+CONFUSION_PLOT = "confusion_matrices.png"
+RELIABILITY_PLOT = "reliability_diagram.png"
+TENSORBOARD_DIR = "tensorboard"
+
+# explanation (scripts/analyze.py)
+INTERPRETABILITY_FILE = "interpretability_metrics.json"
+DELETION_PLOT = "deletion_curves.png"
+EXPLANATIONS_FILE = "explanations.html"
+PROGRESS_DIR = ".progress"  # one JSON per finished example, for resuming
+
+# the one-command run (scripts/run_experiment.py)
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "run.json"
+REPORT_FILE = "report.html"
+BADGE_FILE = "quantum_identity_badge.svg"
+BADGE_MANIFEST = "project_badge.json"
+
+
+def metrics_file(model: str) -> str:
+    """`<model>_metrics.json`: one compared model's evaluation metrics."""
+    return f"{model}_metrics.json"
+
+
+def shap_file(model: str) -> str:
+    """`<model>_shap.json`: one model's SHAP values (`analysis.explanation.shap_values.load_explanation`)."""
+    return f"{model}_shap.json"
+
+
+def shap_summary_plot(model: str) -> str:
+    return f"{model}_shap_summary.png"
