@@ -47,7 +47,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     from analysis.report.tables import evaluation_summary
 
     arguments = translate_aliases(sys.argv[1:] if argv is None else argv, EVALUATE_ALIASES)
-    return run_reporting_user_errors(lambda: evaluation_summary(evaluate(load_run(arguments, check=check_evaluation))))
+    return run_reporting_user_errors(
+        lambda: evaluation_summary(evaluate(load_run(arguments, check_evaluation, EVALUATE_ALIASES)))
+    )
 
 
 def analyze_main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +59,7 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
 
     arguments = translate_aliases(sys.argv[1:] if argv is None else argv, ANALYZE_ALIASES)
     return run_reporting_user_errors(
-        lambda: analysis_summary(run_analysis(load_run(arguments, check=check_explanation)))
+        lambda: analysis_summary(run_analysis(load_run(arguments, check_explanation, ANALYZE_ALIASES)))
     )
 
 

@@ -149,10 +149,15 @@ def settings_of(config) -> dict:
     return {name: cls(**dict(config[name])) for name, cls in SECTIONS.items()}
 
 
-def load_run(arguments: Sequence[str], check: Callable[[dict], None] | None = None) -> LoadedRun:
+def load_run(
+    arguments: Sequence[str],
+    check: Callable[[dict], None] | None = None,
+    aliases: Mapping[str, Alias] | None = None,
+) -> LoadedRun:
     """Parse a command line (`--config FILE`, dotted options) and build the data and the module it describes.
 
-    `--print_config` prints the resolved configuration as YAML and exits, as for `scripts/train.py`.
+    `--print_config` prints the resolved configuration as YAML and exits, as for `scripts/train.py`; `--help` lists
+    every option and, after them, the dashed `aliases` the command accepts.
     """
     arguments = list(arguments)
     config_path = _config_path(arguments)
@@ -165,6 +170,7 @@ def load_run(arguments: Sequence[str], check: Callable[[dict], None] | None = No
             args=arguments,
             save_config_callback=None,
             check=check,
+            parser_kwargs={"epilog": alias_help(aliases)} if aliases else None,
         )
     settings = settings_of(cli.config)
     rest = list(arguments)
@@ -204,6 +210,13 @@ class Alias:
 
     option: str
     kind: str = "value"
+
+
+def alias_help(aliases: Mapping[str, Alias]) -> str:
+    return "Dashed flags, aliases of the options above: " + ", ".join(
+        f"{flag} = {alias.option}" + (f" {alias.kind}" if alias.kind in ("true", "false") else "")
+        for flag, alias in aliases.items()
+    )
 
 
 def translate_aliases(arguments: Sequence[str], aliases: Mapping[str, Alias]) -> list[str]:

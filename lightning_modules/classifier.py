@@ -99,9 +99,8 @@ class LoRASentimentClassifier(L.LightningModule):
         )
         # Checkpoints carry only the LoRA weights; the frozen base is reloaded from model_name.
         self._adapter_enabled = True
-        self._scorers: dict[
-            tuple[int, ...], LabelScorer
-        ] = {}  # predict's scorer per prompt prefix (k-shot has its own)
+        # predict's scorer per prompt prefix (the k-shot prompt has its own)
+        self._scorers: dict[tuple[int, ...], LabelScorer] = {}
         self.backbone.train()  # from_pretrained returns eval mode; LoRA dropout must be active in fit
         self.strict_loading = False
         num_classes = len(self.label_names)
