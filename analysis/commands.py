@@ -36,6 +36,8 @@ ANALYZE_ALIASES = {
     "--shap-example-count": Alias("--explain.example_count"),
     "--shap-max-evals": Alias("--explain.max_evals"),
     "--target": Alias("--explain.target"),
+    "--comparison-target": Alias("--explain.comparison_target"),
+    "--features": Alias("--explain.features"),
     "--num-shards": Alias("--explain.num_shards"),
     "--shard-index": Alias("--explain.shard_index"),
 }

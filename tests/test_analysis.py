@@ -88,7 +88,7 @@ def analyze(trained: dict, output_dir: Path, log=lambda message: None, after_exa
 
 # ---- features and value function --------------------------------------------------------------------------------
 def test_only_the_tweet_tokens_are_features(encoder):
-    masker = tweet_masker(encoder)
+    masker = tweet_masker(encoder, "tokens")
     tokenizer = encoder.tokenizer
     for text in TWEETS:
         names = masker.feature_names(text)[0]
@@ -110,7 +110,7 @@ def test_features_tile_a_byte_level_tweet_with_emoji():
     from foundation.hub import load_tokenizer
 
     encoder = PromptEncoder(load_tokenizer("embedded:smollm2-135m-instruct"), LABELS)
-    masker = tweet_masker(encoder)
+    masker = tweet_masker(encoder, "tokens")
     text = "@united I can't believe 😡😡 it's late <again> & again!!"
     segments = masker.data_transform(text)[0]
     assert "".join(segments) == text  # byte tokens of one emoji do not duplicate it
@@ -118,8 +118,26 @@ def test_features_tile_a_byte_level_tweet_with_emoji():
     assert encoder.continuation(mask_tweet(masker, text, np.ones(len(segments), bool))) == encoder.continuation(text)
 
 
+def test_words_are_whitespace_units_that_tile_the_tweet():
+    from foundation.hub import load_tokenizer
+
+    encoder = PromptEncoder(load_tokenizer("embedded:smollm2-135m-instruct"), LABELS)
+    masker = tweet_masker(encoder)  # words: the default features
+    text = "@united I can't believe 😡😡 it's late, <again> & #fail again!! naïve café 日本語"
+    words = text.split()
+    assert masker.feature_names(text)[0] == words  # a mention, a hashtag, an emoji run, punctuation kept on
+    segments = masker.data_transform(text)[0]
+    assert "".join(segments) == text and len(segments) == len(words)
+    assert len(encoder.tweet_ids(text)) > len(words) + 5  # "@united", the emoji, "日本語" are several tokens each
+    keep = np.ones(len(words), dtype=bool)
+    keep[[0, 4, 9]] = False  # "@united", "😡😡", "#fail": every token of each goes together
+    assert mask_tweet(masker, text, keep) == " ".join(word for word, kept in zip(words, keep) if kept)
+    assert mask_tweet(masker, text, np.zeros(len(words), dtype=bool)) == ""
+    assert masker.clustering(text).shape == (len(words) - 1, 4)  # the partition tree clusters words
+
+
 def test_value_function_equals_a_plain_forward_of_each_prompt(encoder, base_model):
-    masker = tweet_masker(encoder)
+    masker = tweet_masker(encoder, "tokens")
     rng = np.random.default_rng(0)
     texts = [mask_tweet(masker, t, rng.random(len(encoder.tweet_ids(t))) < 0.6) for t in TWEETS for _ in range(4)]
     texts += TWEETS + [""]
@@ -135,7 +153,7 @@ def test_value_function_equals_a_plain_forward_of_each_prompt(encoder, base_mode
 
 def test_additivity_and_the_budget(encoder, base_model):
     value = LabelProbabilities.for_model(base_model, encoder, batch_size=8)
-    masker = tweet_masker(encoder)
+    masker = tweet_masker(encoder, "tokens")
     for text in TWEETS:
         full, empty = value([text])[0], value([""])[0]
         for max_evals in (4, 10_000):
@@ -335,6 +353,116 @@ def test_torchrun_ranks_share_the_examples(trained, tmp_path):
     assert_close_results(sharded, alone, CROSS_THREAD_ATOL, rtol=CROSS_THREAD_RTOL)
 
 
+def test_comparisons_read_one_target_and_explain_the_fine_tuning_effect(trained, tmp_path):
+    out = tmp_path / "effect"
+    metrics = analyze(trained, out, example_count=12, max_evals=400).metrics
+    files = {model: json.loads((out / shap_file(model)).read_text()) for model in (ZERO_SHOT, FINE_TUNED)}
+    zs, ft = files[ZERO_SHOT], files[FINE_TUNED]
+    gold = zs["gold"]
+    key = "fine_tuned_vs_zero_shot"
+    assert metrics["target"]["comparison_target"] == "gold"
+    assert metrics["target"]["same_target_fraction"] == {key: 1.0}
+    assert [row["comparison_target"] for row in metrics["target"]["per_example"]] == gold
+    assert zs["target_classes"] == zs["predicted"]  # per-model statistics keep each model's own prediction
+
+    # the comparison reads both models at the gold class: its mean cosine, by hand from the files
+    first = [np.asarray(v)[:, t] for v, t in zip(zs["values"], gold)]
+    second = [np.asarray(v)[:, t] for v, t in zip(ft["values"], gold)]
+    cosines = [a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) for a, b in zip(first, second)]
+    assert metrics["comparisons"][key]["cosine_similarity"]["mean"] == pytest.approx(np.mean(cosines), abs=1e-9)
+
+    # dphi explains the difference of the two models' probabilities: sum = df(x) - df(empty)
+    effect = metrics["fine_tuning_effect"][key]
+    assert effect["models"] == [ZERO_SHOT, FINE_TUNED] and len(effect["per_example"]) == 12
+    for k, (row, t) in enumerate(zip(effect["per_example"], gold)):
+        np.testing.assert_allclose(row["delta"], second[k] - first[k], atol=1e-12)
+        f_x = ft["probabilities"][k][t] - zs["probabilities"][k][t]
+        f_empty = ft["base_values"][k][t] - zs["base_values"][k][t]
+        assert sum(row["delta"]) == pytest.approx(f_x - f_empty, abs=1e-5)
+    assert effect["max_additivity_error"] < 1e-5
+    assert all(row["n_tweets"] >= 3 for row in effect["words"]) and effect["words"]
+
+    # strata of correctness, counted by hand
+    counts = {"both_correct": 0, "fixed": 0, "broken": 0, "both_wrong": 0}
+    for g, a, b in zip(gold, zs["predicted"], ft["predicted"]):
+        name = {(True, True): "both_correct", (False, True): "fixed", (True, False): "broken"}.get(
+            (a == g, b == g), "both_wrong"
+        )
+        counts[name] += 1
+    strata = metrics["comparisons"][key]["strata"]
+    assert {name: strata[name]["n_examples"] for name in counts} == counts
+    for name, n in counts.items():
+        assert ("note" in strata[name]) == (n < 5) and ("cosine_similarity" in strata[name]) == (n >= 5)
+
+
+def test_auto_budget_gives_exact_values_and_flags_capped_tweets(trained, tmp_path):
+    exact = analyze(trained, tmp_path / "auto", example_count=4, max_evals="auto").metrics
+    budget = exact["budget"]
+    assert budget["max_evals"] == "auto" and budget["capped_examples"] == [] and budget["counts"]["exact"] == 4
+    for row in budget["per_example"]:  # every split of every tweet's partition tree resolved: no shared credit
+        assert row["evals_used"] == row["evals_for_exact_owen"] == row["max_evals"] and not row["capped"]
+        assert set(row["shared_credit_fraction"].values()) == {0.0}
+
+    capped = analyze(trained, tmp_path / "capped", example_count=4, max_evals="auto", max_evals_cap=6)
+    budget = capped.metrics["budget"]
+    assert budget["capped_examples"] == [row["index"] for row in budget["per_example"]] and budget["max_evals_cap"] == 6
+    assert all(row["capped"] and row["resolution"] != "exact" for row in budget["per_example"])
+    assert any("--explain.max_evals_cap" in note for note in capped.notes)
+
+
+def test_exact_shapley_check_matches_brute_force_over_every_ordering(trained, tmp_path, tiny_model_dir):
+    """The analysis' exact Shapley values of short tweets against the definition: marginal contributions averaged
+    over every ordering of the words, each coalition a plain forward of the fine-tuned (peft) model."""
+    import itertools
+    import math
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "exact"
+    check = analyze(trained, out, example_count=4, exact_shapley_check=2).metrics["exact_shapley_check"]
+    assert len(check["examples"]) == 2 and check["eligible"] == 4
+    texts = dict(zip(*(json.loads((out / shap_file(FINE_TUNED)).read_text())[k] for k in ("example_indices", "texts"))))
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained["adapter"]).eval()
+    encoder = PromptEncoder(AutoTokenizer.from_pretrained(tiny_model_dir), LABELS)
+    for row in check["examples"]:
+        words = texts[row["index"]].split()
+        result = row["models"][FINE_TUNED]
+        t, n = result["target"], len(words)
+        coalitions = [frozenset(i for i in range(n) if bits >> i & 1) for bits in range(2**n)]
+        kept = [" ".join(w for i, w in enumerate(words) if i in members) for members in coalitions]
+        value = dict(zip(coalitions, plain_forward(tuned, encoder, kept)[:, t]))
+        phi = np.zeros(n)
+        for order in itertools.permutations(range(n)):
+            members: frozenset = frozenset()
+            for i in order:
+                phi[i] += value[members | {i}] - value[members]
+                members = members | {i}
+        phi /= math.factorial(n)
+        np.testing.assert_allclose(result["shapley"], phi, atol=1e-5)
+        assert phi.sum() == pytest.approx(value[frozenset(range(n))] - value[frozenset()], abs=1e-9)
+        assert result["shapley_additivity_error"] < 1e-6
+        owen = np.asarray(result["owen"])
+        assert result["relative_l2"] == pytest.approx(np.linalg.norm(owen - phi) / np.linalg.norm(phi), abs=1e-4)
+
+
+def test_token_features_explain_the_tokens_as_before(trained, tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encoder = PromptEncoder(tokenizer, LABELS)
+    analyze(trained, tmp_path / "w", example_count=2)
+    words = json.loads((tmp_path / "w" / shap_file(ZERO_SHOT)).read_text())
+    analyze(trained, tmp_path / "t", example_count=2, features="tokens")
+    tokens = json.loads((tmp_path / "t" / shap_file(ZERO_SHOT)).read_text())
+    text = tokens["texts"][0]
+    assert text == '<b>love</b> & "great" so'
+    pieces = ["<", "b", ">", "love", "<", "/", "b", ">", "&", '"', "great", '"', "so"]  # the tiny tokenizer's
+    assert tokens["feature_names"][0] == pieces and len(encoder.tweet_ids(text)) == len(pieces)
+    assert words["feature_names"][0] == ["<b>love</b>", "&", '"great"', "so"]
+    assert tokens["settings"]["features"] == "tokens" and words["settings"]["features"] == "words"
+
+
 def test_gold_target_and_small_budget_are_recorded(trained, tmp_path):
     result = analyze(trained, tmp_path / "gold", target="gold", max_evals=4, example_count=50)
     content = json.loads((tmp_path / "gold" / shap_file(FINE_TUNED)).read_text())
@@ -342,7 +470,7 @@ def test_gold_target_and_small_budget_are_recorded(trained, tmp_path):
     notes = " ".join(result.notes)
     assert "larger than the eval set; explaining all 24" in notes
     assert "empty tweet" in notes
-    assert "shared equally by their tokens" in notes and "too many tokens for even one split" in notes
+    assert "shared equally by their features" in notes and "too many features for even one split" in notes
     assert result.metrics["budget"]["counts"]["coarse"] > 0
     assert result.metrics["target"]["source"] == "gold"
 
@@ -475,6 +603,6 @@ def test_embedded_model_end_to_end(tmp_path):
         texts = json.loads((tmp_path / "out" / name).read_text())["texts"]
         for i, text in enumerate(texts):
             assert "".join(explanation[i].data) == text
-            assert explanation[i].values.shape == (len(datamodule.encoder.tweet_ids(text)), 3)
+            assert explanation[i].values.shape == (len(text.split()), 3)  # words, the default features
     assert result.metrics["budget"]["counts"]["coarse"] == 2  # 8 evaluations cannot split a 30-token tweet
     assert (tmp_path / "out" / EXPLANATIONS_FILE).is_file()

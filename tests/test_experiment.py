@@ -41,7 +41,7 @@ ORIGINAL_DEFAULTS = {
     "eval_subset": 1000,
     "run_shap": True,
     "shap_example_count": 10,
-    "shap_max_evals": 200,
+    "shap_max_evals": "auto",  # the one default changed from the original (200): exact values per tweet
     "load_in_4bit": True,
     "finetune": False,
     "output_dir": "outputs/tweet_sentiment_extraction",
@@ -106,14 +106,17 @@ BASELINE_DEFAULTS = {
     "baselines": ["zero_shot", "zero_shot_calibrated", "k_shot"],
     "k_shot": 4,
     "shap_baselines": ["zero_shot"],
+    "features": "words",
+    "comparison_target": "gold",
 }
+OUR_FLAGS = {"--baselines", "--k-shot", "--shap-baselines", "--features", "--comparison-target"}
 
 
 def test_flags_and_defaults_are_the_originals():
     flags = set(experiment_aliases())
-    assert ORIGINAL_FLAGS | {"--baselines", "--k-shot", "--shap-baselines"} <= flags
-    # beyond the original's: only the other half of a switch (--no-finetune, --project-badge)
-    assert flags - ORIGINAL_FLAGS - {"--baselines", "--k-shot", "--shap-baselines"} == {
+    assert ORIGINAL_FLAGS | OUR_FLAGS <= flags
+    # beyond those: only the other half of a switch (--no-finetune, --project-badge)
+    assert flags - ORIGINAL_FLAGS - OUR_FLAGS == {
         "--no-finetune",
         "--project-badge",
     }

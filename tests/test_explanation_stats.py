@@ -369,3 +369,70 @@ def test_summarize_faithfulness_means():
     assert summary["n"] == 2
     with pytest.raises(ValueError):
         summarize_faithfulness([rows[0], {**rows[1], "fractions": [0.5, 0.6]}])
+
+
+# ---- the fine-tuning effect and strata ------------------------------------------------------------------------------
+def test_word_types_fold_case_and_surrounding_punctuation():
+    from analysis.statistics.fine_tuning_effect import word_type
+
+    assert [word_type(w) for w in ["Great!!", "great", "(great)", "@United", "#Fail.", "can't", "😡😡", "!!!"]] == [
+        "great",
+        "great",
+        "great",
+        "@united",
+        "#fail",
+        "can't",
+        "😡😡",
+        "!!!",
+    ]
+
+
+def test_fine_tuning_effect_by_hand():
+    from analysis.statistics.fine_tuning_effect import fine_tuning_effect
+
+    features = [["Great", "bus"], ["great!", "day"], ["GREAT", "bus", "great"]]
+    first = [np.array([0.1, 0.0]), np.array([0.2, 0.1]), np.array([0.0, 0.3, 0.1])]
+    second = [np.array([0.4, -0.1]), np.array([0.5, 0.1]), np.array([0.2, 0.1, 0.3])]
+    base_a, base_b = [0.3, 0.3, 0.3], [0.2, 0.2, 0.2]
+    full_a = [b + v.sum() for b, v in zip(base_a, first)]  # additive explanations
+    full_b = [b + v.sum() for b, v in zip(base_b, second)]
+    effect = fine_tuning_effect(first, second, base_a, base_b, full_a, full_b, features, min_tweets=2, n_resamples=50)
+    # tweet 1: dphi = [0.3, -0.1]; df(x) - df(empty) = (0.5 - 0.4) - (0.2 - 0.3) = 0.2 = sum(dphi)
+    np.testing.assert_allclose(effect["per_example"][0]["delta"], [0.3, -0.1])
+    assert effect["per_example"][0]["delta_f"] == pytest.approx(0.2)
+    assert effect["max_additivity_error"] < 1e-12
+    words = {row["word"]: row for row in effect["words"]}
+    # "great" in all three tweets: 0.3, 0.3 and (0.2 + 0.2) summed within the third tweet -> mean 1.0 / 3
+    assert words["great"]["n_tweets"] == 3 and words["great"]["mean_delta"] == pytest.approx(1.0 / 3)
+    assert words["great"]["mean_first"] == pytest.approx((0.1 + 0.2 + 0.1) / 3)
+    # "bus" in two tweets: -0.1 and -0.2; "day" in one tweet only: below min_tweets
+    assert words["bus"]["mean_delta"] == pytest.approx(-0.15) and "day" not in words
+    assert [row["word"] for row in effect["raised"]] == ["great"]
+    assert [row["word"] for row in effect["lowered"]] == ["bus"]
+    assert words["great"]["ci_low"] <= words["great"]["mean_delta"] <= words["great"]["ci_high"]
+
+
+def test_strata_by_correctness():
+    from analysis.statistics.fine_tuning_effect import strata_members
+
+    first = [True, True, False, False, True]
+    second = [True, False, True, False, True]
+    assert strata_members(first, second) == {"both_correct": [0, 4], "fixed": [2], "broken": [1], "both_wrong": [3]}
+    assert strata_members([], []) == {"both_correct": [], "fixed": [], "broken": [], "both_wrong": []}
+
+
+def test_shapley_values_of_a_two_player_game_by_hand():
+    from analysis.statistics.shapley import all_coalitions, distance, shapley_values
+
+    assert all_coalitions(2).tolist() == [[False, False], [True, False], [False, True], [True, True]]
+    # v(empty) = 0, v({0}) = 1, v({1}) = 2, v({0, 1}) = 4:
+    # phi_0 = (v({0}) - v()) / 2 + (v({0,1}) - v({1})) / 2 = 1.5; phi_1 = (2 - 0) / 2 + (4 - 1) / 2 = 2.5
+    np.testing.assert_allclose(shapley_values([0.0, 1.0, 2.0, 4.0]), [1.5, 2.5])
+    # several outputs at once: a second, additive game (v = 3 x0 + 5 x1) gives its coefficients back
+    both = shapley_values(np.array([[0.0, 0.0], [1.0, 3.0], [2.0, 5.0], [4.0, 8.0]]))
+    np.testing.assert_allclose(both, [[1.5, 3.0], [2.5, 5.0]])
+    assert distance([1.5, 2.0], [1.5, 2.5]) == pytest.approx(
+        {"relative_l2": 0.5 / np.hypot(1.5, 2.5), "max_abs_difference": 0.5}
+    )
+    with pytest.raises(ValueError):
+        all_coalitions(11)

@@ -35,11 +35,14 @@ from analysis.explanation.progress import ProgressStore, ShardAssignment
 from analysis.explanation.shap_values import (
     BUDGET_NOTE,
     MASKS_PER_ROUND,
+    LabelProbabilities,
     TweetMasker,
     budget_resolution,
+    evals_for_exact_owen,
     explain_tweet,
     explanation_file_content,
     fit_to_budget,
+    mask_tweet,
     model_value_functions,
     normalize_tweet,
     tweet_masker,
@@ -47,8 +50,11 @@ from analysis.explanation.shap_values import (
 from analysis.models import FINE_TUNED, K_SHOT, MODEL_ORDER, check_baselines, display_name, model_specs
 from analysis.report.explanations_page import explanations_html
 from analysis.report.plots import plot_deletion_curves, plot_top_tokens
-from analysis.settings import TARGETS, CompareSettings, ExplainSettings
-from analysis.statistics.explanations import compare_models, model_statistics
+from analysis.settings import COMPARISON_TARGETS, FEATURES, TARGETS, CompareSettings, ExplainSettings
+from analysis.statistics.explanations import PAIRED_EXAMPLE_STATISTICS, compare_models, model_statistics
+from analysis.statistics.fine_tuning_effect import MIN_STRATUM, STRATA_DEFINITION, fine_tuning_effect, strata_members
+from analysis.statistics.shapley import MAX_EXACT_FEATURES, all_coalitions, shapley_values
+from analysis.statistics.shapley import distance as shapley_distance
 from foundation.atomic_files import write_json_atomic, write_text_atomic
 from foundation.errors import UserInputError
 from foundation.output_folder import check_output_dir, require_output_dir
@@ -97,13 +103,17 @@ class ExampleExplainer:
     def __init__(self, masker: TweetMasker, value_functions: Mapping, settings: ExplainSettings, seed: int):
         self.masker, self.value_functions = masker, value_functions
         self.settings, self.seed = settings, seed
+        self.reference = reference_model(list(value_functions))
 
     def explain(self, index: int, text: str, gold: int) -> dict:
         """The record of one (non-empty) tweet."""
-        value_functions, max_evals, seed = self.value_functions, self.settings.max_evals, self.seed
+        value_functions, seed = self.value_functions, self.seed
+        max_evals, capped = tweet_budget(self.masker, text, self.settings)
         full = {name: fn([text])[0] for name, fn in value_functions.items()}
         predicted = {name: int(np.argmax(p)) for name, p in full.items()}
         targets = predicted if self.settings.target == "predicted" else {name: gold for name in value_functions}
+        # Every comparison of two models reads one class per tweet: the gold label or the reference's prediction.
+        common = gold if self.settings.comparison_target == "gold" else predicted[self.reference]
         start = time.perf_counter()
         explained = explain_tweet(text, value_functions, self.masker, max_evals, seed=seed + index)
         seconds = time.perf_counter() - start
@@ -114,17 +124,19 @@ class ExampleExplainer:
             t = targets[name]
             # f(x) from its own forward pass, not the explainer's: the check covers the whole pipeline.
             errors = np.abs(base + values.sum(axis=0) - full[name])
-            rng = np.random.default_rng([seed, index, k])
-            faithfulness = example_faithfulness(
-                text,
-                values[:, t],
-                t,
-                float(full[name][t]),
-                fn,
-                self.masker,
-                rng,
-                random_orders=self.settings.random_orders,
-            )
+            faithfulness = {
+                c: example_faithfulness(
+                    text,
+                    values[:, c],
+                    c,
+                    float(full[name][c]),
+                    fn,
+                    self.masker,
+                    np.random.default_rng([seed, index, k] if c == t else [seed, index, k, 1]),
+                    random_orders=self.settings.random_orders,
+                )
+                for c in dict.fromkeys((t, common))
+            }
             models[name] = {
                 "values": values,
                 "base_values": base,
@@ -134,16 +146,19 @@ class ExampleExplainer:
                 "additivity_error": float(errors[t]),
                 "additivity_error_all_classes": float(errors.max()),
                 "shared_credit_fraction": float(explained["models"][name]["shared_credit_fraction"][t]),
-                "faithfulness": faithfulness,
+                "faithfulness": faithfulness[t],
+                "comparison_faithfulness": faithfulness[common],  # at the comparison target
             }
         return {
             "index": index,
             "text": text,
             "gold": gold,
+            "comparison_target": common,
             "n_tokens": n_tokens,
             "data": explained["data"],
             "feature_names": explained["feature_names"],
             "max_evals": max_evals,
+            "capped": capped,
             "evals_used": explained["evals_used"],
             "evals_for_exact_owen": explained["evals_for_exact_owen"],
             "resolution": budget_resolution(
@@ -155,15 +170,71 @@ class ExampleExplainer:
 
 
 # ---- statistics -------------------------------------------------------------------------------------------------
-def _target_values(records: list[dict], model: str) -> list[np.ndarray]:
-    return [np.asarray(r["models"][model]["values"], dtype=float)[:, r["models"][model]["target"]] for r in records]
+def reference_model(models: list[str]) -> str:
+    """The model every other is compared with: the fine-tuned one, or (without an adapter) the first baseline."""
+    return FINE_TUNED if FINE_TUNED in models else models[0]
 
 
 def compared_pairs(models: list[str]) -> dict[str, tuple[str, str]]:
-    """`{"<reference>_vs_<baseline>": (baseline, reference)}`: each baseline against the fine-tuned model, or
-    (without one) against the first baseline; the names match `comparison.json`'s."""
-    reference = FINE_TUNED if FINE_TUNED in models else models[0]
+    """`{"<reference>_vs_<baseline>": (baseline, reference)}`: each baseline against the reference model; the names
+    match `comparison.json`'s."""
+    reference = reference_model(models)
     return {f"{reference}_vs_{other}": (other, reference) for other in models if other != reference}
+
+
+def _values_at(records: list[dict], model: str, key: str) -> list[np.ndarray]:
+    """Each tweet's values of `model` for one class: the model's own `target` or the record's `comparison_target`."""
+    return [
+        np.asarray(r["models"][model]["values"], dtype=float)[:, r[key] if key in r else r["models"][model][key]]
+        for r in records
+    ]
+
+
+def _at_class(records: list[dict], model: str, field: str) -> list[float]:
+    """A per-class vector of each record (base values, probabilities) at the comparison target."""
+    return [float(np.asarray(r["models"][model][field], dtype=float)[r["comparison_target"]]) for r in records]
+
+
+def comparison_statistics(records: list[dict], a: str, b: str, n_resamples: int, seed: int) -> dict:
+    """Two models' explanations on the common target of every tweet, overall and per stratum of correctness."""
+    tokens = [r["feature_names"] for r in records]
+    first, second = _values_at(records, a, "comparison_target"), _values_at(records, b, "comparison_target")
+    result = compare_models(first, second, tokens, n_resamples=n_resamples, seed=seed, top_k=TOP_TOKENS, names=(a, b))
+    members = strata_members(
+        [r["models"][a]["predicted"] == r["gold"] for r in records],
+        [r["models"][b]["predicted"] == r["gold"] for r in records],
+    )
+    strata = {"definition": STRATA_DEFINITION, "min_examples": MIN_STRATUM}
+    for name, rows in members.items():
+        if len(rows) < MIN_STRATUM:
+            strata[name] = {"n_examples": len(rows), "note": f"fewer than {MIN_STRATUM} tweets: no statistics"}
+            continue
+        pick = [tokens[k] for k in rows]
+        stats_ = compare_models(
+            [first[k] for k in rows], [second[k] for k in rows], pick, n_resamples, seed, TOP_TOKENS, (a, b)
+        )
+        strata[name] = {key: stats_[key] for key in (*PAIRED_EXAMPLE_STATISTICS, "n_examples")}
+    result["strata"] = strata
+    return result
+
+
+def effect_statistics(records: list[dict], a: str, b: str, n_resamples: int, seed: int) -> dict:
+    """The fine-tuning effect (second minus first) on the common target, per tweet and per word type."""
+    effect = fine_tuning_effect(
+        _values_at(records, a, "comparison_target"),
+        _values_at(records, b, "comparison_target"),
+        _at_class(records, a, "base_values"),
+        _at_class(records, b, "base_values"),
+        _at_class(records, a, "probabilities"),
+        _at_class(records, b, "probabilities"),
+        [r["feature_names"] for r in records],
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    for row, record in zip(effect["per_example"], records):
+        row["index"], row["target"] = record["index"], record["comparison_target"]
+    effect["models"] = [a, b]
+    return effect
 
 
 def interpretability_metrics(
@@ -174,18 +245,14 @@ def interpretability_metrics(
     `comparison` (the original's key) holds the first pair of `comparisons`: raw zero-shot vs fine-tuned by default.
     """
     tokens = [r["feature_names"] for r in records]
-    values = {model: _target_values(records, model) for model in models}
+    values = {model: _values_at(records, model, "target") for model in models}
     faithfulness_rows = {model: [r["models"][model]["faithfulness"] for r in records] for model in models}
+    common_faithfulness = {m: [r["models"][m]["comparison_faithfulness"] for r in records] for m in models}
     additivity = {model: max(r["models"][model]["additivity_error"] for r in records) for model in models}
     largest = max(additivity.values())
     resolutions = [r["resolution"] for r in records]
     pairs = compared_pairs(models)
-    comparisons = {
-        key: compare_models(
-            values[a], values[b], tokens, n_resamples=n_resamples, seed=seed, top_k=TOP_TOKENS, names=(a, b)
-        )
-        for key, (a, b) in pairs.items()
-    }
+    comparisons = {key: comparison_statistics(records, a, b, n_resamples, seed) for key, (a, b) in pairs.items()}
     metrics = {
         "settings": settings,
         "notes": notes,
@@ -193,12 +260,23 @@ def interpretability_metrics(
         "models": list(models),
         "target": {
             "source": settings["target"],
-            "same_target_fraction": {
+            "meaning": "per-model statistics explain each model's own target class (`source`); every comparison of "
+            "two models, the faithfulness comparisons and the fine-tuning effect use one common class per tweet "
+            "(`comparison_target`)",
+            "comparison_target": settings["comparison_target"],
+            # the classes the comparisons actually read for the two models: the same by construction
+            "same_target_fraction": {key: 1.0 for key in pairs},
+            "own_target_agreement": {
                 key: float(np.mean([r["models"][a]["target"] == r["models"][b]["target"] for r in records]))
                 for key, (a, b) in pairs.items()
             },
             "per_example": [
-                {"index": r["index"], "gold": r["gold"], **{m: r["models"][m]["target"] for m in models}}
+                {
+                    "index": r["index"],
+                    "gold": r["gold"],
+                    "comparison_target": r["comparison_target"],
+                    **{m: r["models"][m]["target"] for m in models},
+                }
                 for r in records
             ],
         },
@@ -211,6 +289,8 @@ def interpretability_metrics(
         },
         "budget": {
             "max_evals": settings["max_evals"],
+            "max_evals_cap": settings["max_evals_cap"],
+            "capped_examples": [r["index"] for r in records if r.get("capped")],
             "meaning": BUDGET_NOTE,
             "counts": {name: resolutions.count(name) for name in ("exact", "approximate", "coarse")},
             "mean_shared_credit_fraction": {
@@ -220,7 +300,16 @@ def interpretability_metrics(
             "per_example": [
                 {
                     **{
-                        key: r[key] for key in ("index", "n_tokens", "evals_used", "evals_for_exact_owen", "resolution")
+                        key: r.get(key)
+                        for key in (
+                            "index",
+                            "n_tokens",
+                            "max_evals",
+                            "capped",
+                            "evals_used",
+                            "evals_for_exact_owen",
+                            "resolution",
+                        )
                     },
                     "shared_credit_fraction": {m: r["models"][m]["shared_credit_fraction"] for m in models},
                 }
@@ -233,7 +322,9 @@ def interpretability_metrics(
             "random_orders_per_example": settings["random_orders"],
             **{m: summarize_model_faithfulness(faithfulness_rows[m], n_resamples, seed) for m in models},
             **{
-                key: compare_model_faithfulness(faithfulness_rows[a], faithfulness_rows[b], n_resamples, seed, (a, b))
+                key: compare_model_faithfulness(
+                    common_faithfulness[a], common_faithfulness[b], n_resamples, seed, (a, b)
+                )
                 for key, (a, b) in pairs.items()
             },
         },
@@ -246,26 +337,43 @@ def interpretability_metrics(
     if comparisons:
         metrics["comparison"] = next(iter(comparisons.values()))
         metrics["comparisons"] = comparisons
+        metrics["fine_tuning_effect"] = {
+            key: effect_statistics(records, a, b, n_resamples, seed) for key, (a, b) in pairs.items()
+        }
     return metrics
 
 
-def budget_warning(records: list[dict], models: list[str], max_evals: int) -> str | None:
+def tweet_budget(masker: TweetMasker, text: str, settings: ExplainSettings) -> tuple[int, bool]:
+    """The evaluations one tweet gets, and whether `auto` had to cap them below what exact values need."""
+    if settings.max_evals != "auto":
+        return int(settings.max_evals), False
+    exact = evals_for_exact_owen(masker.clustering(text)) if len(masker.data_transform(text)[0]) > 1 else 2
+    return min(exact, settings.max_evals_cap), exact > settings.max_evals_cap
+
+
+def budget_warning(records: list[dict], models: list[str], max_evals: int | str) -> str | None:
     """What a too-small --shap-max-evals did to these explanations, in one sentence (None when nothing)."""
     shared = [r["models"][m]["shared_credit_fraction"] for r in records for m in models]
     coarse = [r for r in records if r["resolution"] == "coarse"]
     if not coarse and max(shared) == 0:
         return None
     needed = sorted(r["evals_for_exact_owen"] for r in records)
+    capped = [r["index"] for r in records if r.get("capped")]
     sentence = f"with --shap-max-evals {max_evals}, "
+    if capped:
+        sentence += (
+            f"{len(capped)} of {len(records)} tweets needed more evaluations for exact values than "
+            f"--explain.max_evals_cap allows (examples {', '.join(map(str, capped))}), and "
+        )
     if coarse:
         longest = max(r["n_tokens"] for r in coarse)
         sentence += (
-            f"{len(coarse)} of {len(records)} tweets have too many tokens for even one split of every token group "
-            f"(the longest, {longest} tokens, needs {2 * longest - 1}), and "
+            f"{len(coarse)} of {len(records)} tweets have too many features for even one split of every group "
+            f"(the longest, {longest} features, needs {2 * longest - 1}), and "
         )
     return sentence + (
-        f"on average {100 * np.mean(shared):.0f}% of the target-class credit sits on token groups shap had no budget "
-        f"to split, shared equally by their tokens (the values still add up; exact values need "
+        f"on average {100 * np.mean(shared):.0f}% of the target-class credit sits on groups of features shap had no "
+        f"budget to split, shared equally by their features (the values still add up; exact values need "
         f"{needed[len(needed) // 2]} evaluations for the median tweet, {needed[-1]} for the longest; see "
         f"budget.meaning in {INTERPRETABILITY_FILE})"
     )
@@ -286,15 +394,26 @@ def check_explain_options(explain: ExplainSettings, compare: CompareSettings) ->
     """The explanation options on their own (no file system, no model); returns the baselines in canonical order."""
     if explain.example_count < 1:
         raise UserInputError(f"--shap-example-count must be at least 1, got {explain.example_count}.")
-    if explain.max_evals < 2:
-        raise UserInputError(
-            f"--shap-max-evals {explain.max_evals} is too small: SHAP needs at least the full and the empty tweet "
-            f"(2); use about 2 x the tweet length or more (default {ExplainSettings.max_evals})."
-        )
+    budgets = {"--shap-max-evals": explain.max_evals, "--explain.max_evals_cap": explain.max_evals_cap}
+    for flag, budget in budgets.items():
+        if budget == "auto" and flag == "--shap-max-evals":
+            continue
+        if isinstance(budget, str) and not budget.isdigit():
+            raise UserInputError(f"{flag} must be auto or a number of evaluations, got {budget!r}.")
+        if int(budget) < 2:
+            raise UserInputError(
+                f"{flag} {budget} is too small: SHAP needs at least the full and the empty tweet (2); use auto "
+                f"(exact values, the default) or about 2 x the tweet length or more."
+            )
     if explain.forward_batch_size < 1:
         raise UserInputError(f"--explain.forward_batch_size must be at least 1, got {explain.forward_batch_size}.")
-    if explain.target not in TARGETS:
-        raise UserInputError(f"--target must be one of {', '.join(TARGETS)}, got {explain.target!r}.")
+    for flag, value, choices in (
+        ("--target", explain.target, TARGETS),
+        ("--comparison-target", explain.comparison_target, COMPARISON_TARGETS),
+        ("--features", explain.features, FEATURES),
+    ):
+        if value not in choices:
+            raise UserInputError(f"{flag} must be one of {', '.join(choices)}, got {value!r}.")
     return check_baselines(explain.baselines, compare.k_shot)
 
 
@@ -410,7 +529,7 @@ def run_analysis(
     plan.folder.mkdir(parents=True, exist_ok=True)
     store = ProgressStore.open(plan.folder / PROGRESS_DIR, progress_fingerprint(recorded), plan.shard, notes.add)
     explainer = ExampleExplainer(
-        tweet_masker(datamodule.encoder),
+        tweet_masker(datamodule.encoder, settings.features),
         model_value_functions(module, specs, settings.forward_batch_size),
         settings,
         run.compare.seed,
@@ -454,10 +573,58 @@ def run_analysis(
     result.metrics = interpretability_metrics(
         explained, models, recorded, list(notes), run.compare.n_resamples, run.compare.seed
     )
+    if settings.exact_shapley_check:
+        padded = {
+            name: LabelProbabilities(
+                spec.scorer(module, "padded", "labels", settings.forward_batch_size), spec.encoder, spec.transform
+            )
+            for name, spec in specs.items()
+        }
+        result.metrics["exact_shapley_check"] = exact_shapley_check(
+            explained, settings.exact_shapley_check, explainer.masker, padded
+        )
     result.files, result.removed_stale = write_outputs(
         plan.folder, explained, models, result.metrics, datamodule.label_names, recorded
     )
     return result
+
+
+def exact_shapley_check(records: list[dict], count: int, masker: TweetMasker, value_functions: Mapping) -> dict:
+    """Exact Shapley values of the `count` shortest explained tweets (at most `MAX_EXACT_FEATURES` features), every
+    coalition scored by a plain padded forward, against the explainer's Owen values at each model's own target."""
+    short = sorted(
+        (r for r in records if r["n_tokens"] <= MAX_EXACT_FEATURES), key=lambda r: (r["n_tokens"], r["index"])
+    )
+    rows = []
+    for record in short[:count]:
+        coalitions = all_coalitions(record["n_tokens"])
+        texts = [mask_tweet(masker, record["text"], keep) for keep in coalitions]
+        row = {"index": record["index"], "n_features": record["n_tokens"], "coalitions": len(texts), "models": {}}
+        for name, function in value_functions.items():
+            values = function(texts)
+            exact = shapley_values(values)  # (features, classes)
+            model = record["models"][name]
+            t = model["target"]
+            owen = np.asarray(model["values"], dtype=float)[:, t]
+            row["models"][name] = {
+                "target": t,
+                "shapley": exact[:, t].tolist(),
+                "owen": owen.tolist(),
+                **shapley_distance(owen, exact[:, t]),
+                "shapley_additivity_error": float(abs(exact[:, t].sum() - (values[-1, t] - values[0, t]))),
+            }
+        rows.append(row)
+    errors = [m["relative_l2"] for row in rows for m in row["models"].values() if m["relative_l2"] is not None]
+    return {
+        "definition": "exact Shapley values by enumeration of all 2^n coalitions (padded forwards, no prefix tree) "
+        "vs the Partition explainer's Owen values, for each model's own target class; Owen values respect the "
+        "partition tree, so they differ from Shapley values where features interact across its groups",
+        "examples": rows,
+        "max_relative_l2": max(errors) if errors else None,
+        "mean_relative_l2": float(np.mean(errors)) if errors else None,
+        "requested": count,
+        "eligible": len(short),
+    }
 
 
 def run_settings(run: LoadedRun, plan: ExplanationPlan, specs: Mapping, prompt: dict) -> dict:
@@ -471,12 +638,15 @@ def run_settings(run: LoadedRun, plan: ExplanationPlan, specs: Mapping, prompt: 
         "prompt": prompt,
         "dataset": {key: datamodule.hparams[key] for key in ("dataset_name", "eval_split", "eval_subset", "seed")},
         "max_evals": settings.max_evals,
+        "max_evals_cap": settings.max_evals_cap if settings.max_evals == "auto" else None,
+        "features": settings.features,
         "target": settings.target,
+        "comparison_target": settings.comparison_target,
         "seed": run.compare.seed,
         "random_orders": settings.random_orders,
-        "masking": "masked tweet tokens are deleted; the base value is the empty tweet",
+        "masking": f"masked tweet {settings.features} are deleted; the base value is the empty tweet",
         "masks_per_round": MASKS_PER_ROUND,
-        "explainer": f"shap {shap.__version__} Partition explainer, Text masker over the tweet tokens",
+        "explainer": f"shap {shap.__version__} Partition explainer, Text masker over the tweet {settings.features}",
     }
     if K_SHOT in specs:
         recorded["k_shot"] = run.compare.k_shot
@@ -506,14 +676,15 @@ def write_outputs(
         files.append(
             plot_top_tokens(
                 metrics[model]["top_tokens"],
-                f"{names[model]}: tokens by total |SHAP| (top {TOP_TOKENS}, {len(records)} tweets)",
+                f"{names[model]}: {settings['features']} by total |SHAP| (top {TOP_TOKENS}, {len(records)} tweets)",
                 folder / shap_summary_plot(model),
             )
         )
     faithfulness = {names[m]: metrics["faithfulness"][m] for m in models}
     files.append(plot_deletion_curves(faithfulness, folder / DELETION_PLOT))
-    title = " vs ".join(names.values()).capitalize() + ": SHAP of the tweet tokens"
-    files.append(write_text_atomic(folder / EXPLANATIONS_FILE, explanations_html(records, label_names, names, title)))
+    title = " vs ".join(names.values()).capitalize() + f": SHAP of the tweet {settings['features']}"
+    page = explanations_html(records, label_names, names, title, list(compared_pairs(models).values()))
+    files.append(write_text_atomic(folder / EXPLANATIONS_FILE, page))
     files.append(write_json_atomic(folder / INTERPRETABILITY_FILE, metrics))
     removed = []
     for model in (m for m in MODEL_ORDER if m not in models):  # never mix two runs' models in one folder

@@ -1,21 +1,22 @@
-"""SHAP over the tweet's own tokens: masker, value function, explainer, per-example records and their loader.
+"""SHAP over the tweet's own words or tokens: masker, value function, explainer, per-example records and their loader.
 
-What is a feature. Only the tweet's tokens, exactly as `PromptEncoder.tweet_ids` encodes them; the instruction and
-the `Label:` tail are fixed context. shap's Text masker masks the tweet *string*; the value function puts every
+What is a feature. Only the tweet's words (default: whitespace-delimited units, see `WordSegmenter`) or its tokens
+(`features="tokens"`: exactly as `PromptEncoder.tweet_ids` encodes them); the instruction and the `Label:` tail are
+fixed context. shap's Text masker masks the tweet *string*; the value function puts every
 masked tweet back into the prompt through `PromptEncoder.continuation` (the one prompt builder) and reads the
 label-token probabilities through the model's `LabelScorer` (the one scorer), with the instruction's key/value cache
 computed once per model state.
 
-How a token is masked. It is deleted (empty mask token), not replaced by a placeholder. A causal LM has no mask
+How a feature is masked. Its text is deleted (empty mask token), not replaced by a placeholder. A causal LM has no mask
 token, and any placeholder ("...", "_", <unk>) is itself text the model reads: "..." signals hesitation or
 sarcasm, which would leak into every attribution. Deletion keeps every model input a plain tweet; all-masked is the
 empty tweet, so the base value is the model's prediction with no tweet evidence at all. The faithfulness curves
-remove tokens the same way, so SHAP and AOPC answer the same question.
+remove features the same way, so SHAP and AOPC answer the same question.
 
 All explained models see identical masked inputs: one Partition explainer evaluates every model's value function
 (e.g. zero-shot and fine-tuned, or any baseline of `analysis.models`) side by side on every coalition it
 chooses (its outputs are the probability vectors concatenated), so a difference between the explanations is never
-a difference in which coalitions were sampled. A k-shot baseline reads the same tweet tokens after a longer prefix;
+a difference in which coalitions were sampled. A k-shot baseline reads the same tweet after a longer prefix;
 a calibrated baseline's value function is the calibrated probabilities.
 """
 
@@ -24,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import shap
 
+from analysis.settings import FEATURES
 from datamodules.prompts import PromptEncoder
 from lightning_modules.scoring import LabelScorer
 
@@ -38,15 +41,19 @@ from lightning_modules.scoring import LabelScorer
 MASKS_PER_ROUND = 32
 BUDGET_NOTE = (
     "shap's Partition explainer spends 2 evaluations on the full and the empty tweet and 2 per split of a group of "
-    "adjacent tokens, splitting the groups with the largest effect first, each in two contexts. A group it has no "
-    "budget left to split gives its credit to its tokens in equal shares: the values still add up to f(x) - base "
-    "value, but the ranking inside the group is lost (`shared_credit_fraction` is that share of the credit). Below "
-    "2 x n_tokens - 1 evaluations some group is never split at all ('coarse'); exact Owen values need "
+    "adjacent features (words or tokens), splitting the groups with the largest effect first, each in two contexts. "
+    "A group it has no budget left to split gives its credit to its features in equal shares: the values still add "
+    "up to f(x) - base value, but the ranking inside the group is lost (`shared_credit_fraction` is that share of "
+    "the credit). Below 2 x n_tokens - 1 evaluations (n_tokens: the number of features) some group is never split "
+    "at all ('coarse'); exact Owen values need "
     "`evals_for_exact_owen` evaluations ('exact'); in between the values are 'approximate'."
 )
 
 
-# ---- features: the tweet's tokens --------------------------------------------------------------------------------
+# ---- features: the tweet's words or tokens -----------------------------------------------------------------------
+WORD = re.compile(r"\S+")
+
+
 def normalize_tweet(text: str) -> str:
     """Whitespace-normalised tweet (as the DataModule stores it), so an unmasked tweet rebuilds the same prompt."""
     return " ".join(str(text).split())
@@ -78,18 +85,38 @@ class TweetTokenizer:
         return {"input_ids": list(encoded["input_ids"]), "offset_mapping": offsets}
 
 
+class WordSegmenter:
+    """The tweet's words, with character offsets: the features of `features="words"`.
+
+    A word is a maximal run of non-whitespace characters of the (whitespace-normalised) tweet: an @mention, a
+    #hashtag, a URL, an emoji run, a word with the punctuation attached to it ("again!!", "(so", "can't"). Masking a
+    word deletes all of its tokens together, so a word split into subword tokens ("un" + "ited") is one feature.
+    Each segment carries the space after it, so the segments joined give the tweet back. Same interface as
+    `TweetTokenizer`.
+    """
+
+    def __call__(self, text: str, return_offsets_mapping: bool = True, **_) -> dict:
+        spans = [match.span() for match in WORD.finditer(text)]
+        return {"input_ids": list(range(len(spans))), "offset_mapping": spans}
+
+
 class TweetMasker(shap.maskers.Text):
-    """shap's Text masker over the tweet's tokens, where a masked token's text is deleted (see the module docstring).
+    """shap's Text masker over the tweet's words or tokens, where a masked feature's text is deleted (see the module
+    docstring).
 
     shap's own string masking writes `" " + mask_token` per masked run, so even an empty mask token would put a
     space into "@un|ited" and make an empty segment (a byte of an emoji) change the string. Here the kept segments
-    are joined as they are: masking a token removes exactly its text, and a token whose segment is empty is a null
-    player.
+    are joined as they are: masking a feature removes exactly its text, and a token whose segment is empty is a null
+    player. The partition tree is shap's over the segments, so with words it clusters words.
     """
 
-    def __init__(self, encoder: PromptEncoder):
+    def __init__(self, encoder: PromptEncoder, features: str = "words"):
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        self.features = features
+        segmenter = WordSegmenter() if features == "words" else TweetTokenizer(encoder)
         # The mask token is never written (see __call__); the constructor only needs one it can tokenize.
-        super().__init__(TweetTokenizer(encoder), mask_token="...", collapse_mask_token=True)
+        super().__init__(segmenter, mask_token="...", collapse_mask_token=True)
 
     def __call__(self, mask, s):
         mask = self._standardize_mask(mask, s)
@@ -98,8 +125,8 @@ class TweetMasker(shap.maskers.Text):
         return (np.array([normalize_tweet(kept)]),)
 
 
-def tweet_masker(encoder: PromptEncoder) -> TweetMasker:
-    return TweetMasker(encoder)
+def tweet_masker(encoder: PromptEncoder, features: str = "words") -> TweetMasker:
+    return TweetMasker(encoder, features)
 
 
 def mask_tweet(masker: TweetMasker, text: str, keep: np.ndarray) -> str:

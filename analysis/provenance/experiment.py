@@ -102,8 +102,12 @@ class ExperimentOptions:
     """Explain the first eval tweets with SHAP (--run-shap / --no-run-shap)."""
     shap_example_count: int = ExplainSettings.example_count
     """Eval tweets explained with SHAP."""
-    shap_max_evals: int = ExplainSettings.max_evals
-    """Model evaluations per tweet and model."""
+    shap_max_evals: int | str = ExplainSettings.max_evals
+    """Model evaluations per tweet and model: auto (exact values, up to --explain.max_evals_cap) or a number."""
+    features: str = ExplainSettings.features
+    """SHAP features: words (default) or tokens."""
+    comparison_target: str = ExplainSettings.comparison_target
+    """The one class per tweet every comparison of two models reads: gold or reference (the fine-tuned prediction)."""
     load_in_4bit: bool = _BASE["model"]["load_in_4bit"]
     """NF4 quantisation on a CUDA GPU (--load-in-4bit / --no-load-in-4bit)."""
     finetune: bool = False
@@ -168,6 +172,8 @@ def run_config(options: ExperimentOptions, output_dir: Path) -> dict:
             baselines=list(options.shap_baselines),
             example_count=options.shap_example_count,
             max_evals=options.shap_max_evals,
+            features=options.features,
+            comparison_target=options.comparison_target,
         )
     )
     return config

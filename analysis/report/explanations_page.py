@@ -47,15 +47,22 @@ def _probabilities_html(label_names: Sequence[str], probabilities: Sequence[floa
 
 
 def explanations_html(
-    records: Sequence[Mapping], label_names: Sequence[str], display_names: Mapping[str, str], title: str
+    records: Sequence[Mapping],
+    label_names: Sequence[str],
+    display_names: Mapping[str, str],
+    title: str,
+    differences: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The page for per-example records (as written by `analysis.explanation.run`): one section per example."""
+    """The page for per-example records (as written by `analysis.explanation.run`): one section per example.
+
+    `differences`: (first, second) model pairs whose difference second - first is shown under the two explanations,
+    on the record's common `comparison_target` (the fine-tuning effect: fine-tuned - zero-shot)."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
-        '<p class="legend">Token colour: SHAP value for the explained (target) class. '
+        '<p class="legend">Colour: SHAP value of each word or token for the explained (target) class. '
         '<span style="background:rgba(220,38,38,0.6)">for the class</span>'
         '<span style="background:rgba(37,99,235,0.6)">against the class</span> '
         "Opacity is relative to the largest |value| of that tweet across both models; hover a token for its "
@@ -81,6 +88,21 @@ def explanations_html(
                 f"f(x) {model['probabilities'][target]:.3f})</p>"
                 f'<div class="tokens">{_tokens_html(record["data"], targets[name], scale)}</div>'
                 f"{_probabilities_html(label_names, model['probabilities'])}</div>"
+            )
+        for first, second in differences:
+            if first not in models or second not in models or "comparison_target" not in record:
+                continue
+            t = record["comparison_target"]
+            delta = (
+                np.asarray(models[second]["values"], dtype=float)[:, t]
+                - np.asarray(models[first]["values"], dtype=float)[:, t]
+            )
+            delta_scale = float(np.abs(delta).max()) if delta.size else 0.0
+            parts.append(
+                f'<div class="model"><p class="meta"><b>{escape(display_names.get(second, second))} - '
+                f"{escape(display_names.get(first, first))}</b>: what fine-tuning changed, on the common class "
+                f"<b>{escape(label_names[t])}</b> (sum {delta.sum():+.3f}; own scale)</p>"
+                f'<div class="tokens">{_tokens_html(record["data"], delta, delta_scale)}</div></div>'
             )
         parts.append("</div>")
     parts.append("</body></html>")

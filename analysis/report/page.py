@@ -294,7 +294,7 @@ def _figures_section(folder: Path, names: Collection[str]) -> str:
 def _explanations_section(interpretability: dict | None, explanations_page: str | None) -> str:
     if not interpretability and not explanations_page:
         return ""
-    parts = ['<section id="explanations"><h2>Explanations (SHAP over the tweet tokens)</h2>']
+    parts = ['<section id="explanations"><h2>Explanations (SHAP over the tweet\'s words or tokens)</h2>']
     if interpretability:
         models = [k for k, v in interpretability.items() if isinstance(v, dict) and "mean_abs_importance" in v]
         k_shot = (interpretability.get("settings") or {}).get("k_shot")
@@ -316,9 +316,19 @@ def _explanations_section(interpretability: dict | None, explanations_page: str 
             listed = ", ".join(
                 f"{escape(str(row.get('token')))} ({format_number(row.get('total_abs'))})" for row in top[:10]
             )
-            parts.append(f"<p><b>{escape(display_name(model, names))}</b> top tokens: {listed}</p>")
+            features = escape(str(settings.get("features", "tokens")))
+            parts.append(f"<p><b>{escape(display_name(model, names))}</b> top {features}: {listed}</p>")
+        target = interpretability.get("target") or {}
+        if target.get("comparison_target"):
+            parts.append(
+                f"<p>Every comparison of two models reads one class per tweet: "
+                f"<b>{escape(str(target['comparison_target']))}</b> (same-target fraction "
+                f"{', '.join(format_number(v) for v in (target.get('same_target_fraction') or {}).values())}).</p>"
+            )
         for comparison in (interpretability.get("comparisons") or {}).values():
             parts.append(_paired_statistics(comparison, names))
+        for effect in (interpretability.get("fine_tuning_effect") or {}).values():
+            parts.append(_fine_tuning_effect(effect, names))
         parts.append(_faithfulness(interpretability.get("faithfulness"), models, names))
         notes = interpretability.get("notes") or []
         if notes:
@@ -357,6 +367,25 @@ def _paired_statistics(comparison: dict | None, names: dict) -> str:
         f"<h3>{escape(a).capitalize()} (first) vs {escape(b)} (second): explanations</h3>",
         _table(["statistic", "value [95 % CI]"], rows),
     ]
+    strata = comparison.get("strata") or {}
+    stratum_rows = []
+    for name in ("both_correct", "fixed", "broken", "both_wrong"):
+        stratum = strata.get(name)
+        if not isinstance(stratum, dict):
+            continue
+        cells = [escape(name.replace("_", " ")), format_number(stratum.get("n_examples"))]
+        for key in ("cosine_similarity", "spearman", "top5_overlap"):
+            stat = stratum.get(key)
+            if isinstance(stat, dict):
+                cells.append(format_number(stat.get("mean")) + _interval(stat.get("ci_low"), stat.get("ci_high")))
+            else:
+                cells.append(escape(str(stratum.get("note", "–"))))
+        stratum_rows.append(cells)
+    if stratum_rows:
+        parts.append(
+            f"<p>By stratum ({escape(str(strata.get('definition', '')))}):</p>"
+            + _table(["tweets", "n", "cosine [95 % CI]", "Spearman", "top-5 overlap"], stratum_rows)
+        )
     tests = comparison.get("paired_tests") or {}
     if tests:
         test_rows = [
@@ -377,6 +406,36 @@ def _paired_statistics(comparison: dict | None, names: dict) -> str:
                 test_rows,
             )
         )
+    return "\n".join(parts)
+
+
+def _fine_tuning_effect(effect: dict | None, names: dict) -> str:
+    """Words whose importance the second model raised or lowered most against the first, with CIs."""
+    if not effect:
+        return ""
+    first, second = effect.get("models") or ("zero_shot", "fine_tuned")
+    a, b = display_name(first, names), display_name(second, names)
+    parts = [
+        f"<h3>What changed from {escape(a)} to {escape(b)}: Δφ = φ({escape(b)}) − φ({escape(a)})</h3>",
+        f"<p>Per word type over the tweets it occurs in (at least {format_number(effect.get('min_tweets'))}); "
+        f"largest additivity error |Σ Δφ − (Δf(x) − Δf(∅))| = {format_p(effect.get('max_additivity_error'))}.</p>",
+    ]
+    for key, label in (("raised", "raised most"), ("lowered", "lowered most")):
+        rows = [
+            [
+                escape(str(row.get("word"))),
+                format_number(row.get("n_tweets")),
+                format_number(row.get("mean_delta")) + _interval(row.get("ci_low"), row.get("ci_high")),
+                format_number(row.get("mean_first")),
+                format_number(row.get("mean_second")),
+            ]
+            for row in effect.get(key) or []
+        ]
+        if rows:
+            parts.append(
+                f"<p>{escape(label)}:</p>"
+                + _table(["word", "tweets", "mean Δφ [95 % CI]", f"mean φ {escape(a)}", f"mean φ {escape(b)}"], rows)
+            )
     return "\n".join(parts)
 
 
