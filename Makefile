@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # One command on the embedded default (offline, CPU): 12.5-14.3 min on 2 idle cores; see outputs/embedded/report.html.
-DEMO_SIZES ?= --train-subset 2000 --eval-subset 500 --shap-example-count 10 --shap-max-evals 200
+DEMO_SIZES ?= --train-subset 2000 --eval-subset 500 --shap-example-count 10
 demo: install
 	$(PY) scripts/run_experiment.py --finetune --run-shap --model-name embedded:smollm2-135m-instruct \
 		--dataset-name embedded:crowdflower-tweets --no-load-in-4bit $(DEMO_SIZES) --output-dir outputs/embedded

@@ -44,14 +44,15 @@ def display_name(model: str, k: int | None = None) -> str:
     return DISPLAY_NAMES.get(model, model.replace("_", " "))
 
 
-def check_baselines(baselines, k: int) -> list[str]:
-    """The requested baselines in canonical order, or one sentence on what is wrong."""
+def check_baselines(baselines, k: int, with_adapter: bool = False) -> list[str]:
+    """The requested baselines in canonical order, or one sentence on what is wrong. None at all is allowed beside
+    an adapter (the fine-tuned model alone, e.g. another training seed's)."""
     baselines = list(dict.fromkeys(baselines))
     unknown = [name for name in baselines if name not in BASELINES]
     if unknown:
         raise UserInputError(f"Unknown baseline {', '.join(map(repr, unknown))}; choose from {', '.join(BASELINES)}.")
-    if not baselines:
-        raise UserInputError(f"Name at least one baseline ({', '.join(BASELINES)}).")
+    if not baselines and not with_adapter:
+        raise UserInputError(f"Name at least one baseline ({', '.join(BASELINES)}), or give an adapter.")
     if K_SHOT in baselines and k < 1:
         raise UserInputError(f"The k-shot baseline needs at least one demonstration, got k={k}; pass --k-shot 4.")
     return [name for name in BASELINES if name in baselines]

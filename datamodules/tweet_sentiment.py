@@ -113,6 +113,8 @@ class TweetSentimentDataModule(L.LightningDataModule):
         prompt_style: `words` (label names as words) or `seed-digits` (the original digit template).
         label_words: verbalizer, one single-token word per class (default from the style and label names).
         num_demonstrations: k-shot prompts: k seeded, class-balanced training tweets placed in the fixed prefix.
+        shuffle_seed: the seed of the training order only (default: `seed`); the rows, subsets, splits and
+            demonstrations stay those of `seed`, so adapters fitted with different shuffle seeds see the same data.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class TweetSentimentDataModule(L.LightningDataModule):
         label_words: list[str] | None = None,
         num_demonstrations: int = 0,
         num_workers: int = 0,
+        shuffle_seed: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -303,11 +306,12 @@ class TweetSentimentDataModule(L.LightningDataModule):
         hp = self.hparams
         pad = self.tokenizer.pad_token_id
         processes, rank = self._processes()
+        order_seed = hp.seed if hp.shuffle_seed is None else hp.shuffle_seed
         if shuffle:
             # One permutation per (seed, epoch), whatever the number of processes: rank r takes every
             # processes-th index, so with per-device batch b the ranks' batches together are exactly the
             # single-process batch of size b * processes (Lightning calls set_epoch each epoch).
-            sampler = DistributedSampler(dataset, num_replicas=processes, rank=rank, shuffle=True, seed=hp.seed)
+            sampler = DistributedSampler(dataset, num_replicas=processes, rank=rank, shuffle=True, seed=order_seed)
         else:
             sampler = _LengthSorted(dataset, num_replicas=processes, rank=rank)
         return DataLoader(
@@ -316,7 +320,7 @@ class TweetSentimentDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=hp.num_workers,
             collate_fn=lambda items: collate_prompts(items, pad),
-            generator=torch.Generator().manual_seed(hp.seed) if shuffle else None,
+            generator=torch.Generator().manual_seed(order_seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -28,6 +28,8 @@ MANIFEST_FILE = "run.json"
 REPORT_FILE = "report.html"
 BADGE_FILE = "quantum_identity_badge.svg"
 BADGE_MANIFEST = "project_badge.json"
+SEEDS_DIR = "seeds"  # seeds/seed_<k>/: the run of each further training seed (--seeds K), with its own config.yaml
+SEED_METRICS_FILE = "seed_metrics.json"  # the fine-tuned metrics of every seed, their mean, sd and range
 
 
 def metrics_file(model: str) -> str:

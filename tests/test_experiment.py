@@ -108,8 +108,9 @@ BASELINE_DEFAULTS = {
     "shap_baselines": ["zero_shot"],
     "features": "words",
     "comparison_target": "gold",
+    "seeds": 1,
 }
-OUR_FLAGS = {"--baselines", "--k-shot", "--shap-baselines", "--features", "--comparison-target"}
+OUR_FLAGS = {"--baselines", "--k-shot", "--shap-baselines", "--features", "--comparison-target", "--seeds"}
 
 
 def test_flags_and_defaults_are_the_originals():
@@ -544,3 +545,63 @@ def test_the_saved_config_is_accepted_as_is_by_the_three_commands(tmp_path, tiny
         first = json.loads((out / name).read_text())
         second = json.loads((tmp_path / "explained" / name).read_text())
         assert second["values"] == first["values"] and len(first["values"]) == 2
+
+
+@pytest.mark.slow
+def test_several_training_seeds_give_per_seed_metrics_and_the_seed_null(tmp_path, tiny_model_dir, synthetic_folder):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "seeds"
+    run_in_process(
+        *("--model-name", tiny_model_dir, "--dataset-name", synthetic_folder, "--no-load-in-4bit", "--finetune"),
+        *("--seeds", "2", "--shap-example-count", "6", "--no-project-badge", "--output-dir", str(out)),
+        *("--baselines", "zero_shot", "--train-subset", "24", "--eval-subset", "12"),
+    )
+    seed_1 = out / "seeds" / "seed_1"
+    config = yaml.safe_load((seed_1 / "config.yaml").read_text())
+    assert config["seed_everything"] == 43 and config["data"]["shuffle_seed"] == 43 and config["data"]["seed"] == 42
+    assert {"fine_tuned_metrics.json", "fine_tuned_shap.json", "lora_adapter"} <= {p.name for p in seed_1.iterdir()}
+    assert not (seed_1 / "zero_shot_metrics.json").exists()  # the baselines are the run's, evaluated once
+    weights = [load_file(folder / "lora_adapter" / "adapter_model.safetensors") for folder in (out, seed_1)]
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) > 1e-4  # another seed
+    rows = [
+        [json.loads(line)["text"] for line in (f / "predictions.jsonl").read_text().splitlines()] for f in (out, seed_1)
+    ]
+    assert rows[0] == rows[1] and len(rows[0]) == 12  # the same eval rows: only training randomness differs
+
+    per_seed = [json.loads((f / "fine_tuned_metrics.json").read_text()) for f in (out, seed_1)]
+    summary = json.loads((out / "seed_metrics.json").read_text())
+    accuracies = [m["accuracy"] for m in per_seed]
+    assert summary["seeds"] == [42, 43]
+    assert summary["metrics"]["accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
+    assert summary["metrics"]["accuracy"]["sd"] == pytest.approx(np.std(accuracies, ddof=1))
+
+    # the seed null, by hand for the cosine: per tweet, zero-shot vs each seed (averaged) and seed vs seed
+    null = json.loads((out / "interpretability_metrics.json").read_text())["seed_null"]
+    files = [json.loads(p.read_text()) for p in (out / "zero_shot_shap.json", out / "fine_tuned_shap.json")]
+    files.append(json.loads((seed_1 / "fine_tuned_shap.json").read_text()))
+    gold = files[0]["gold"]
+    zs, ft0, ft1 = ([np.asarray(v)[:, g] for v, g in zip(f["values"], gold)] for f in files)
+
+    def cosine(a, b):
+        return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+    across = [(cosine(a, b) + cosine(a, c)) / 2 for a, b, c in zip(zs, ft0, ft1)]
+    within = [cosine(b, c) for b, c in zip(ft0, ft1)]
+    cos = null["statistics"]["cosine_similarity"]
+    assert null["seeds"] == 2 and null["n_examples"] == 6 and null["target"] == "gold"
+    assert cos["across_mean"] == pytest.approx(np.mean(across)) and cos["null_mean"] == pytest.approx(np.mean(within))
+    assert cos["verdict"].count("cosine") == 1
+    page = (out / "report.html").read_text()
+    assert "Seed-noise null" in page and "Fine-tuned over training seeds 42, 43" in page
+
+
+def test_seed_options_are_checked_before_anything_is_written(tmp_path, capsys):
+    for flags, expected in (
+        (["--seeds", "0", "--finetune"], "--seeds must be at least 1"),
+        (["--seeds", "2"], "add --finetune"),
+    ):
+        assert main([*flags, "--output-dir", str(tmp_path / "out")]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0]
+        assert not (tmp_path / "out").exists()

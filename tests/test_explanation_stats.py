@@ -436,3 +436,33 @@ def test_shapley_values_of_a_two_player_game_by_hand():
     )
     with pytest.raises(ValueError):
         all_coalitions(11)
+
+
+def test_seed_null_by_hand():
+    from analysis.statistics.seed_null import seed_null
+
+    zero_shot = [np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), np.array([1.0, 1.0, 0.0])]
+    seed_a = [np.array([0.0, 1.0, 0.0]), np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0])]
+    seed_b = [np.array([0.0, 2.0, 0.0]), np.array([3.0, 0.0, 0.0]), np.array([0.0, 0.0, 2.0])]
+    result = seed_null(zero_shot, [seed_a, seed_b], n_resamples=50)
+    cosine = result["statistics"]["cosine_similarity"]
+    # zero-shot is orthogonal to both seeds on every tweet (across = 0); the seeds point the same way (null = 1)
+    assert cosine["across_mean"] == pytest.approx(0.0) and cosine["null_mean"] == pytest.approx(1.0)
+    assert cosine["mean_difference"] == pytest.approx(1.0) and cosine["n"] == 3
+    assert cosine["verdict"].startswith("no detectable difference")  # 3 tweets: Wilcoxon cannot reach p < 0.05
+    assert result["seeds"] == 2 and set(result["statistics"]) >= {"spearman", "top5_overlap"}
+    with pytest.raises(ValueError):
+        seed_null(zero_shot, [seed_a])
+
+
+def test_seed_null_verdicts_follow_the_test():
+    from analysis.statistics.seed_null import verdict
+
+    test = {"across_mean": 0.12, "null_mean": 0.71, "mean_difference": 0.59, "ci_low": 0.4, "ci_high": 0.8}
+    assert verdict("Spearman", {**test, "wilcoxon_p": 0.001}) == (
+        "zero-shot vs fine-tuned disagree more than two fine-tuned seeds do: Spearman 0.12 vs 0.71, p = 0.001"
+    )
+    assert verdict("Spearman", {**test, "wilcoxon_p": 0.3}).startswith("no detectable difference")
+    flipped = {**test, "across_mean": 0.71, "null_mean": 0.12, "mean_difference": -0.59, "ci_low": -0.8}
+    flipped["ci_high"] = -0.4
+    assert verdict("Spearman", {**flipped, "wilcoxon_p": 0.001}).startswith("zero-shot vs fine-tuned agree more")

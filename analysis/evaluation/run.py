@@ -265,9 +265,10 @@ def check_evaluation(settings: dict) -> EvaluationPlan:
     from lightning_modules.adapters import existing_adapter
 
     compare, evaluate_settings = settings["compare"], settings["evaluate"]
-    baselines = check_baselines(evaluate_settings.baselines, compare.k_shot)
+    adapter = existing_adapter(compare.adapter)
+    baselines = check_baselines(evaluate_settings.baselines, compare.k_shot, with_adapter=adapter is not None)
     folder = check_output_dir(require_output_dir(evaluate_settings.output_dir))
-    return EvaluationPlan(folder, existing_adapter(compare.adapter), baselines)
+    return EvaluationPlan(folder, adapter, baselines)
 
 
 def evaluate(run: LoadedRun) -> EvaluationResult:

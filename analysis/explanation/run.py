@@ -390,7 +390,7 @@ class ExplanationPlan:
     shard: ShardAssignment
 
 
-def check_explain_options(explain: ExplainSettings, compare: CompareSettings) -> list[str]:
+def check_explain_options(explain: ExplainSettings, compare: CompareSettings, with_adapter: bool = False) -> list[str]:
     """The explanation options on their own (no file system, no model); returns the baselines in canonical order."""
     if explain.example_count < 1:
         raise UserInputError(f"--shap-example-count must be at least 1, got {explain.example_count}.")
@@ -414,7 +414,7 @@ def check_explain_options(explain: ExplainSettings, compare: CompareSettings) ->
     ):
         if value not in choices:
             raise UserInputError(f"{flag} must be one of {', '.join(choices)}, got {value!r}.")
-    return check_baselines(explain.baselines, compare.k_shot)
+    return check_baselines(explain.baselines, compare.k_shot, with_adapter)
 
 
 def check_explanation(settings: dict) -> ExplanationPlan:
@@ -422,10 +422,11 @@ def check_explanation(settings: dict) -> ExplanationPlan:
     from lightning_modules.adapters import existing_adapter
 
     compare, explain = settings["compare"], settings["explain"]
-    baselines = check_explain_options(explain, compare)
+    adapter = existing_adapter(compare.adapter)
+    baselines = check_explain_options(explain, compare, with_adapter=adapter is not None)
     shard = ShardAssignment.resolve(explain.shard_index, explain.num_shards)
     folder = check_output_dir(require_output_dir(explain.output_dir))
-    return ExplanationPlan(folder, existing_adapter(compare.adapter), baselines, shard)
+    return ExplanationPlan(folder, adapter, baselines, shard)
 
 
 def _to_device(module) -> None:

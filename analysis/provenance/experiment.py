@@ -12,6 +12,7 @@ runs, and every recorded configuration is passed through `without_secrets`.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import gc
 import inspect
@@ -25,9 +26,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-from analysis.models import check_baselines, display_name
+from analysis.models import FINE_TUNED, ZERO_SHOT, check_baselines, display_name
 from analysis.provenance.badge import BADGE_ID, PROJECT_ROOT, install_badge
 from analysis.provenance.manifest import (
     PhaseTimer,
@@ -51,10 +53,13 @@ from foundation.output_names import (
     BADGE_MANIFEST,
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    INTERPRETABILITY_FILE,
     LIGHTNING_LOGS_DIR,
     MANIFEST_FILE,
     PREDICTIONS_FILE,
     REPORT_FILE,
+    SEED_METRICS_FILE,
+    SEEDS_DIR,
     TENSORBOARD_DIR,
     shap_file,
     shap_summary_plot,
@@ -112,6 +117,9 @@ class ExperimentOptions:
     """NF4 quantisation on a CUDA GPU (--load-in-4bit / --no-load-in-4bit)."""
     finetune: bool = False
     """Train a LoRA adapter and compare it with the zero-shot model."""
+    seeds: int = 1
+    """Fine-tune this many adapters that differ only in their training seed (data order, LoRA init, dropout); the
+    agreement of their explanations is the seed-noise null of the zero-shot-vs-fine-tuned comparison."""
     # Ours, beyond the original's flags: the prompt-only baselines evaluated (and explained) beside LoRA.
     baselines: list[str] = field(default_factory=lambda: EvaluateSettings().baselines)
     """Prompt-only models evaluated beside the fine-tuned one."""
@@ -179,10 +187,27 @@ def run_config(options: ExperimentOptions, output_dir: Path) -> dict:
     return config
 
 
+def seed_config(config: dict, seed_index: int, folder: Path) -> dict:
+    """The configuration of training seed `seed_index` (> 0): the run's, but for the seed of everything random in
+    training (LoRA init, dropout, data order; not the rows), its own folder, and the fine-tuned model alone."""
+    config = copy.deepcopy(config)
+    config["seed_everything"] = DEFAULT_SEED + seed_index
+    config["trainer"]["default_root_dir"] = str(folder)
+    config["data"]["shuffle_seed"] = DEFAULT_SEED + seed_index
+    config["compare"]["adapter"] = str(folder / ADAPTER_DIR)
+    config["evaluate"].update(output_dir=str(folder), baselines=[])
+    config["explain"].update(output_dir=str(folder), baselines=[])
+    return config
+
+
 def check_options(options: ExperimentOptions, config: dict) -> None:
     """The options that can be wrong, checked before anything is written: the same checks as the separate commands."""
     from analysis.explanation.run import check_explain_options
 
+    if options.seeds < 1:
+        raise UserInputError(f"--seeds must be at least 1 (the number of fine-tuned adapters), got {options.seeds}.")
+    if options.seeds > 1 and not options.finetune:
+        raise UserInputError(f"--seeds {options.seeds} fine-tunes several adapters; add --finetune.")
     compare = CompareSettings(**config["compare"])
     check_baselines(options.baselines, compare.k_shot)
     if options.run_shap:
@@ -215,6 +240,57 @@ def _explained_fingerprint(path: Path) -> dict:
     content = json.loads(path.read_text(encoding="utf-8"))
     labels = content["output_names"]
     return examples_fingerprint((text, labels[gold]) for text, gold in zip(content["texts"], content["gold"]))
+
+
+# ---- several training seeds ------------------------------------------------------------------------------------
+SEED_METRICS = ("accuracy", "macro_f1", "mcc", "ece")
+
+
+def seed_metric_summary(per_seed: list[dict], seeds: list[int]) -> dict:
+    """The fine-tuned metrics of every seed, with their mean, sample sd and range."""
+    summary = {"seeds": seeds, "per_seed": [{key: m[key] for key in SEED_METRICS} for m in per_seed], "metrics": {}}
+    for key in SEED_METRICS:
+        values = np.array([m[key] for m in per_seed], dtype=float)
+        summary["metrics"][key] = {
+            "mean": float(values.mean()),
+            "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
+    return summary
+
+
+def seed_metric_lines(summary: dict) -> list[str]:
+    parts = [
+        f"{key} {row['mean']:.3f} ± {row['sd']:.3f} [{row['min']:.3f}, {row['max']:.3f}]"
+        for key, row in summary["metrics"].items()
+    ]
+    return [f"fine-tuned over {len(summary['seeds'])} seeds (mean ± sd [range]): " + ", ".join(parts)]
+
+
+def seed_null_of_run(folder: Path, seed_folders: list[Path]) -> dict:
+    """The seed-noise null from the explanation files of the run (seed 0) and of every further seed, on the gold
+    class of each tweet (the reference prediction differs between seeds; gold does not)."""
+    from analysis.statistics.seed_null import seed_null
+
+    def at_gold(path: Path) -> tuple[list, list[np.ndarray]]:
+        content = json.loads(path.read_text(encoding="utf-8"))
+        keys = list(zip(content["example_indices"], content["texts"]))
+        values = [np.asarray(v, dtype=float)[:, g] for v, g in zip(content["values"], content["gold"])]
+        return keys, values
+
+    keys, zero_shot = at_gold(folder / shap_file(ZERO_SHOT))
+    fine_tuned = []
+    for seed_folder in [folder, *seed_folders]:
+        seed_keys, values = at_gold(seed_folder / shap_file(FINE_TUNED))
+        if seed_keys != keys:
+            raise RuntimeError(f"{seed_folder} explains other tweets than {folder}")
+        fine_tuned.append(values)
+    settings = json.loads((folder / INTERPRETABILITY_FILE).read_text(encoding="utf-8"))["settings"]
+    result = seed_null(zero_shot, fine_tuned, seed=settings["seed"])
+    result["target"] = "gold"
+    result["folders"] = [str(folder), *map(str, seed_folders)]
+    return result
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------------
@@ -320,6 +396,16 @@ class ExperimentRun:
         }
         self.produced = [CONFIG_FILE, MANIFEST_FILE]
         self.summary: list[str] = []
+        # Training seeds 1 .. K-1, each a complete run of its own in seeds/seed_<k>/ (seed 0 is this folder).
+        self.seed_configs = []
+        for k in range(1, options.seeds):
+            seed_folder = folder / SEEDS_DIR / f"seed_{k}"
+            seed_folder.mkdir(parents=True, exist_ok=True)
+            text = yaml.safe_dump(seed_config(config, k, seed_folder), sort_keys=False)
+            self.seed_configs.append(write_text_atomic(seed_folder / CONFIG_FILE, text))
+        if self.seed_configs:
+            self.produced.append(SEEDS_DIR)
+            self.manifest["seeds"]["training_seeds"] = [DEFAULT_SEED + k for k in range(options.seeds)]
         self.save_manifest()
 
     def save_manifest(self, status: str = "running") -> None:
@@ -331,6 +417,10 @@ class ExperimentRun:
     def train(self) -> Path:
         from analysis.configuration import fit
 
+        for k, config_path in enumerate(self.seed_configs, start=1):
+            with self.timer.phase(f"train_seed_{k}"):
+                fit(config_path)  # its adapter is in the seed's folder; the finished CLI is dropped here
+            _release_memory()
         with self.timer.phase("train"):
             cli = fit(self.config_path)
         datamodule = cli.datamodule
@@ -355,6 +445,18 @@ class ExperimentRun:
         self.produced += [path.name for path in evaluation.files] + [TENSORBOARD_DIR]
         self.manifest["data"]["eval"] = _predictions_fingerprint(self.folder / PREDICTIONS_FILE)
         self.summary += evaluation_summary(evaluation)
+        if self.seed_configs:
+            per_seed = [evaluation.metrics[FINE_TUNED]]
+            for k, config_path in enumerate(self.seed_configs, start=1):
+                with self.timer.phase(f"evaluate_seed_{k}"):
+                    per_seed.append(
+                        evaluate(load_run(["--config", str(config_path)], check_evaluation)).metrics[FINE_TUNED]
+                    )
+                _release_memory()
+            summary = seed_metric_summary(per_seed, self.manifest["seeds"]["training_seeds"])
+            write_json_atomic(self.folder / SEED_METRICS_FILE, summary)
+            self.produced.append(SEED_METRICS_FILE)
+            self.summary += seed_metric_lines(summary)
         self.save_manifest()
 
     def explain(self) -> None:
@@ -366,6 +468,16 @@ class ExperimentRun:
         with self.timer.phase("explain"):
             result = run_analysis(load_run(["--config", str(self.config_path)], check=check_explanation), _to_stderr)
         _release_memory()
+        if self.seed_configs and FINE_TUNED in result.models:
+            for k, config_path in enumerate(self.seed_configs, start=1):
+                with self.timer.phase(f"explain_seed_{k}"):
+                    run_analysis(load_run(["--config", str(config_path)], check_explanation), _to_stderr)
+                _release_memory()
+            result.metrics["seed_null"] = seed_null_of_run(self.folder, [p.parent for p in self.seed_configs])
+            write_json_atomic(self.folder / INTERPRETABILITY_FILE, result.metrics)
+            self.summary += [
+                f"seed null: {row['verdict']}" for row in result.metrics["seed_null"]["statistics"].values()
+            ]
         self.produced += [path.name for path in result.files]
         first = self.folder / shap_file(result.models[0])
         self.manifest["data"]["explained"] = _explained_fingerprint(first)

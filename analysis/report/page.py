@@ -27,6 +27,8 @@ from foundation.output_names import (
     METRICS_PLOT,
     RELIABILITY_PLOT,
     REPORT_FILE,
+    SEED_METRICS_FILE,
+    metrics_file,
     shap_summary_plot,
 )
 
@@ -149,15 +151,15 @@ def _read_json(path: Path):
 
 
 def metrics_by_model(folder: Path, names: Collection[str]) -> dict[str, dict]:
-    """`<model>_metrics.json` files in MODEL_ORDER: baselines first, fine-tuned last."""
+    """The `<model>_metrics.json` files of the compared models present, in MODEL_ORDER: baselines first, fine-tuned
+    last (other `*_metrics.json` files, such as the seed summary, are not models)."""
     found = {}
-    for name in sorted(names):
-        if name.endswith("_metrics.json") and name != INTERPRETABILITY_FILE:
-            content = _read_json(folder / name)
+    for model in MODEL_ORDER:
+        if metrics_file(model) in names:
+            content = _read_json(folder / metrics_file(model))
             if isinstance(content, dict):
-                found[name.removesuffix("_metrics.json")] = content
-    rank = {model: i for i, model in enumerate(MODEL_ORDER)}
-    return dict(sorted(found.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
+                found[model] = content
+    return found
 
 
 def _recorded_names(metrics: dict[str, dict]) -> dict[str, str]:
@@ -329,6 +331,7 @@ def _explanations_section(interpretability: dict | None, explanations_page: str 
             parts.append(_paired_statistics(comparison, names))
         for effect in (interpretability.get("fine_tuning_effect") or {}).values():
             parts.append(_fine_tuning_effect(effect, names))
+        parts.append(_seed_null(interpretability.get("seed_null")))
         parts.append(_faithfulness(interpretability.get("faithfulness"), models, names))
         notes = interpretability.get("notes") or []
         if notes:
@@ -407,6 +410,38 @@ def _paired_statistics(comparison: dict | None, names: dict) -> str:
             )
         )
     return "\n".join(parts)
+
+
+def _seed_null(null: dict | None) -> str:
+    """One verdict per agreement statistic: zero-shot vs fine-tuned against two fine-tuned seeds."""
+    if not null:
+        return ""
+    items = "".join(f"<li>{escape(str(row.get('verdict')))}</li>" for row in (null.get("statistics") or {}).values())
+    return (
+        f"<h3>Seed-noise null ({format_number(null.get('seeds'))} fine-tuned seeds, gold class)</h3>"
+        f"<p>Agreement of zero-shot with fine-tuned explanations against the agreement of two fine-tuned seeds "
+        f"(paired over {format_number(null.get('n_examples'))} tweets):</p><ul>{items}</ul>"
+    )
+
+
+def _seed_metrics_section(seed_metrics: dict | None) -> str:
+    if not seed_metrics:
+        return ""
+    rows = [
+        [
+            escape(name),
+            format_number(row.get("mean")),
+            format_number(row.get("sd")),
+            f"[{format_number(row.get('min'))}, {format_number(row.get('max'))}]",
+        ]
+        for name, row in (seed_metrics.get("metrics") or {}).items()
+    ]
+    seeds = ", ".join(str(seed) for seed in seed_metrics.get("seeds") or [])
+    return (
+        f'<section id="seeds"><h2>Fine-tuned over training seeds {escape(seeds)}</h2>'
+        + _table(["metric", "mean", "sd", "range"], rows)
+        + "</section>"
+    )
 
 
 def _fine_tuning_effect(effect: dict | None, names: dict) -> str:
@@ -504,6 +539,7 @@ def render_report(folder: str | Path, names: Collection[str] | None = None, badg
         "metrics": _metrics_section(metrics),
         "comparison": _comparison_section(load(COMPARISON_FILE)),
         "figures": _figures_section(folder, names),
+        "seeds": _seed_metrics_section(load(SEED_METRICS_FILE)),
         "explanations": _explanations_section(load(INTERPRETABILITY_FILE), explanations_page),
         "run": _timings_section(manifest),
         "files": _files_section(folder, names),
