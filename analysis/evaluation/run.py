@@ -135,7 +135,7 @@ def score_models(trainer, module, datamodule, specs: dict[str, ModelSpec]) -> di
     return scores
 
 
-def compare_models(
+def compare_with_reference(
     y_true: np.ndarray, scores: dict[str, ModelScores], n_resamples: int, seed: int, reference: str
 ) -> dict | None:
     """`reference` minus each other model: paired bootstrap CIs and exact McNemar, Holm-adjusted across pairs."""
@@ -304,7 +304,7 @@ def evaluate(run: LoadedRun) -> EvaluationResult:
         values["source"] = source_record(specs[model], run, plan.adapter, adapter_meta)
         metrics[model] = values
     reference = FINE_TUNED if plan.adapter else models[0]
-    comparison = compare_models(y_true, scores, compare.n_resamples, compare.seed, reference)
+    comparison = compare_with_reference(y_true, scores, compare.n_resamples, compare.seed, reference)
     if comparison:
         shared = ("base_model", "adapter", "config", "overrides", "dataset", "bootstrap", "created")
         comparison["source"] = {key: metrics[reference]["source"][key] for key in shared}

@@ -485,7 +485,7 @@ class ExampleRecords:
         record = self.store.save(index, self.explainer.explain(index, text, self.examples[index].label))
         self.computed.append(index)
         self.log(
-            f"explained example {index + 1}/{self.total} ({record['n_tokens']} tokens, "
+            f"explained example {index + 1}/{self.total} ({record['n_tokens']} {self.explainer.settings.features}, "
             f"{record['evals_used']} evaluations per model) in {record['seconds']:.1f} s"
         )
         if self.after_example is not None:

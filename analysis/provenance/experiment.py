@@ -268,9 +268,10 @@ def seed_metric_lines(summary: dict) -> list[str]:
     return [f"fine-tuned over {len(summary['seeds'])} seeds (mean ± sd [range]): " + ", ".join(parts)]
 
 
-def seed_null_of_run(folder: Path, seed_folders: list[Path]) -> dict:
-    """The seed-noise null from the explanation files of the run (seed 0) and of every further seed, on the gold
-    class of each tweet (the reference prediction differs between seeds; gold does not)."""
+def seed_null_of_run(folder: Path, seed_folders: list[Path], baseline: str = ZERO_SHOT) -> dict:
+    """The seed-noise null from the explanation files of the run (seed 0) and of every further seed, against the
+    run's first explained baseline (raw zero-shot by default), on the gold class of each tweet (the reference
+    prediction differs between seeds; gold does not)."""
     from analysis.statistics.seed_null import seed_null
 
     def at_gold(path: Path) -> tuple[list, list[np.ndarray]]:
@@ -279,7 +280,7 @@ def seed_null_of_run(folder: Path, seed_folders: list[Path]) -> dict:
         values = [np.asarray(v, dtype=float)[:, g] for v, g in zip(content["values"], content["gold"])]
         return keys, values
 
-    keys, zero_shot = at_gold(folder / shap_file(ZERO_SHOT))
+    keys, zero_shot = at_gold(folder / shap_file(baseline))
     fine_tuned = []
     for seed_folder in [folder, *seed_folders]:
         seed_keys, values = at_gold(seed_folder / shap_file(FINE_TUNED))
@@ -289,6 +290,7 @@ def seed_null_of_run(folder: Path, seed_folders: list[Path]) -> dict:
     settings = json.loads((folder / INTERPRETABILITY_FILE).read_text(encoding="utf-8"))["settings"]
     result = seed_null(zero_shot, fine_tuned, seed=settings["seed"])
     result["target"] = "gold"
+    result["baseline"] = baseline
     result["folders"] = [str(folder), *map(str, seed_folders)]
     return result
 
@@ -473,7 +475,9 @@ class ExperimentRun:
                 with self.timer.phase(f"explain_seed_{k}"):
                     run_analysis(load_run(["--config", str(config_path)], check_explanation), _to_stderr)
                 _release_memory()
-            result.metrics["seed_null"] = seed_null_of_run(self.folder, [p.parent for p in self.seed_configs])
+            baseline = next(model for model in result.models if model != FINE_TUNED)
+            seed_folders = [path.parent for path in self.seed_configs]
+            result.metrics["seed_null"] = seed_null_of_run(self.folder, seed_folders, baseline)
             write_json_atomic(self.folder / INTERPRETABILITY_FILE, result.metrics)
             self.summary += [
                 f"seed null: {row['verdict']}" for row in result.metrics["seed_null"]["statistics"].values()

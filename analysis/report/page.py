@@ -37,7 +37,7 @@ FIGURES = (
     (CONFUSION_PLOT, "Confusion matrices"),
     (RELIABILITY_PLOT, "Reliability diagram"),
     *(
-        (shap_summary_plot(model), f"{model_display_name(model).capitalize()}: top tokens by total |SHAP|")
+        (shap_summary_plot(model), f"{model_display_name(model).capitalize()}: top features by total |SHAP|")
         for model in MODEL_ORDER
     ),
     (DELETION_PLOT, "Faithfulness: deletion curves"),
@@ -137,7 +137,7 @@ def _data_uri(path: Path, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
-def display_name(model: str, names: dict | None = None) -> str:
+def shown_name(model: str, names: dict | None = None) -> str:
     """The run's own name for a model (e.g. `4-shot`) where it recorded one, else the fixed display name."""
     return (names or {}).get(model) or model_display_name(model)
 
@@ -171,7 +171,7 @@ def _header(manifest: dict | None, badge_svg: Path | None, models: Sequence[str]
     badge = ""
     if badge_svg is not None and badge_svg.is_file():
         badge = f'<img src="{_data_uri(badge_svg, "image/svg+xml")}" alt="Quantum Pass badge">'
-    title = " vs ".join(display_name(model, names) for model in models).capitalize() or "lora-explain run"
+    title = " vs ".join(shown_name(model, names) for model in models).capitalize() or "lora-explain run"
     facts = []
     if manifest:
         model = manifest.get("model") or {}
@@ -219,7 +219,7 @@ def _metrics_section(metrics: dict[str, dict]) -> str:
         '<section id="metrics"><h2>Classification metrics</h2>',
         "<p>Label read from the label tokens' logits at the answer position; 95 % percentile bootstrap intervals "
         "in brackets.</p>",
-        _table(["metric"] + [escape(display_name(m, names)) for m in models], rows),
+        _table(["metric"] + [escape(shown_name(m, names)) for m in models], rows),
     ]
     for model in models:
         per_class = metrics[model].get("per_class") or {}
@@ -228,7 +228,7 @@ def _metrics_section(metrics: dict[str, dict]) -> str:
                 [escape(str(name))] + [format_number(row.get(k)) for k in ("precision", "recall", "f1", "support")]
                 for name, row in per_class.items()
             ]
-            parts.append(f"<h3>{escape(display_name(model, names))}: per class</h3>")
+            parts.append(f"<h3>{escape(shown_name(model, names))}: per class</h3>")
             parts.append(_table(["label", "precision", "recall", "F1", "support"], class_rows))
         matrix = metrics[model].get("confusion_matrix")
         labels = metrics[model].get("label_names") or list(per_class)
@@ -244,15 +244,15 @@ def _comparison_section(comparison: dict | None) -> str:
         return ""
     names = comparison.get("display_names") or {}
     pairs = comparison.get("comparisons") or {}
-    reference = escape(display_name(str(comparison.get("reference", "fine_tuned")), names))
+    reference = escape(shown_name(str(comparison.get("reference", "fine_tuned")), names))
     parts = [
         f'<section id="comparison"><h2>{reference.capitalize()} vs each baseline</h2>',
         f"<p>Paired bootstrap over the same {format_number(comparison.get('n_examples'))} examples; exact McNemar "
         "test on the two models' correctness, with Holm-adjusted p-values across the comparisons.</p>",
     ]
     for pair in pairs.values():
-        baseline = escape(display_name(str(pair.get("baseline")), names))
-        model = escape(display_name(str(pair.get("model")), names))
+        baseline = escape(shown_name(str(pair.get("baseline")), names))
+        model = escape(shown_name(str(pair.get("model")), names))
         rows = [
             [
                 escape(name),
@@ -312,14 +312,14 @@ def _explanations_section(interpretability: dict | None, explanations_page: str 
             [escape(label)] + [format_number(interpretability[m].get(key)) for m in models]
             for key, label in EXPLANATION_STATISTICS
         ]
-        parts.append(_table(["statistic"] + [escape(display_name(m, names)) for m in models], rows))
+        parts.append(_table(["statistic"] + [escape(shown_name(m, names)) for m in models], rows))
         for model in models:
             top = interpretability[model].get("top_tokens") or []
             listed = ", ".join(
                 f"{escape(str(row.get('token')))} ({format_number(row.get('total_abs'))})" for row in top[:10]
             )
             features = escape(str(settings.get("features", "tokens")))
-            parts.append(f"<p><b>{escape(display_name(model, names))}</b> top {features}: {listed}</p>")
+            parts.append(f"<p><b>{escape(shown_name(model, names))}</b> top {features}: {listed}</p>")
         target = interpretability.get("target") or {}
         if target.get("comparison_target"):
             parts.append(
@@ -349,7 +349,7 @@ def _paired_statistics(comparison: dict | None, names: dict) -> str:
     if not comparison:
         return ""
     first, second = comparison.get("models") or ("zero_shot", "fine_tuned")
-    a, b = display_name(first, names), display_name(second, names)
+    a, b = shown_name(first, names), shown_name(second, names)
     rows = []
     for key, label in PAIRED_STATISTICS:
         stat = comparison.get(key)
@@ -449,7 +449,7 @@ def _fine_tuning_effect(effect: dict | None, names: dict) -> str:
     if not effect:
         return ""
     first, second = effect.get("models") or ("zero_shot", "fine_tuned")
-    a, b = display_name(first, names), display_name(second, names)
+    a, b = shown_name(first, names), shown_name(second, names)
     parts = [
         f"<h3>What changed from {escape(a)} to {escape(b)}: Δφ = φ({escape(b)}) − φ({escape(a)})</h3>",
         f"<p>Per word type over the tweets it occurs in (at least {format_number(effect.get('min_tweets'))}); "
@@ -485,7 +485,7 @@ def _faithfulness(faithfulness: dict | None, models: Sequence[str], names: dict)
             if ours:
                 rows.append(
                     [
-                        escape(f"{display_name(model, names)}: {mode}"),
+                        escape(f"{shown_name(model, names)}: {mode}"),
                         format_number(ours.get("mean_aopc")) + _interval(ours.get("ci_low"), ours.get("ci_high")),
                         format_number(random.get("mean_aopc")) + _interval(random.get("ci_low"), random.get("ci_high")),
                     ]
