@@ -182,23 +182,21 @@ def compared_pairs(models: list[str]) -> dict[str, tuple[str, str]]:
     return {f"{reference}_vs_{other}": (other, reference) for other in models if other != reference}
 
 
-def _values_at(records: list[dict], model: str, key: str) -> list[np.ndarray]:
-    """Each tweet's values of `model` for one class: the model's own `target` or the record's `comparison_target`."""
-    return [
-        np.asarray(r["models"][model]["values"], dtype=float)[:, r[key] if key in r else r["models"][model][key]]
-        for r in records
-    ]
+def _own_target_values(records: list[dict], model: str) -> list[np.ndarray]:
+    """Each tweet's values of `model` for the class its own statistics explain (`target`)."""
+    return [np.asarray(r["models"][model]["values"], dtype=float)[:, r["models"][model]["target"]] for r in records]
 
 
-def _at_class(records: list[dict], model: str, field: str) -> list[float]:
-    """A per-class vector of each record (base values, probabilities) at the comparison target."""
-    return [float(np.asarray(r["models"][model][field], dtype=float)[r["comparison_target"]]) for r in records]
+def _at_comparison_target(records: list[dict], model: str, field: str) -> list:
+    """A per-class field of each record (`values`, `base_values`, `probabilities`) at the tweet's common
+    `comparison_target`: a vector per tweet for `values`, a number for the others."""
+    return [np.asarray(r["models"][model][field], dtype=float)[..., r["comparison_target"]] for r in records]
 
 
 def comparison_statistics(records: list[dict], a: str, b: str, n_resamples: int, seed: int) -> dict:
     """Two models' explanations on the common target of every tweet, overall and per stratum of correctness."""
     tokens = [r["feature_names"] for r in records]
-    first, second = _values_at(records, a, "comparison_target"), _values_at(records, b, "comparison_target")
+    first, second = _at_comparison_target(records, a, "values"), _at_comparison_target(records, b, "values")
     result = compare_models(first, second, tokens, n_resamples=n_resamples, seed=seed, top_k=TOP_TOKENS, names=(a, b))
     members = strata_members(
         [r["models"][a]["predicted"] == r["gold"] for r in records],
@@ -221,12 +219,12 @@ def comparison_statistics(records: list[dict], a: str, b: str, n_resamples: int,
 def effect_statistics(records: list[dict], a: str, b: str, n_resamples: int, seed: int) -> dict:
     """The fine-tuning effect (second minus first) on the common target, per tweet and per word type."""
     effect = fine_tuning_effect(
-        _values_at(records, a, "comparison_target"),
-        _values_at(records, b, "comparison_target"),
-        _at_class(records, a, "base_values"),
-        _at_class(records, b, "base_values"),
-        _at_class(records, a, "probabilities"),
-        _at_class(records, b, "probabilities"),
+        _at_comparison_target(records, a, "values"),
+        _at_comparison_target(records, b, "values"),
+        [float(v) for v in _at_comparison_target(records, a, "base_values")],
+        [float(v) for v in _at_comparison_target(records, b, "base_values")],
+        [float(v) for v in _at_comparison_target(records, a, "probabilities")],
+        [float(v) for v in _at_comparison_target(records, b, "probabilities")],
         [r["feature_names"] for r in records],
         n_resamples=n_resamples,
         seed=seed,
@@ -245,7 +243,7 @@ def interpretability_metrics(
     `comparison` (the original's key) holds the first pair of `comparisons`: raw zero-shot vs fine-tuned by default.
     """
     tokens = [r["feature_names"] for r in records]
-    values = {model: _values_at(records, model, "target") for model in models}
+    values = {model: _own_target_values(records, model) for model in models}
     faithfulness_rows = {model: [r["models"][model]["faithfulness"] for r in records] for model in models}
     common_faithfulness = {m: [r["models"][m]["comparison_faithfulness"] for r in records] for m in models}
     additivity = {model: max(r["models"][model]["additivity_error"] for r in records) for model in models}

@@ -268,7 +268,7 @@ def seed_metric_lines(summary: dict) -> list[str]:
     return [f"fine-tuned over {len(summary['seeds'])} seeds (mean ± sd [range]): " + ", ".join(parts)]
 
 
-def seed_null_of_run(folder: Path, seed_folders: list[Path], baseline: str = ZERO_SHOT) -> dict:
+def seed_null_of_run(folder: Path, seed_folders: list[Path], baseline: str = ZERO_SHOT, seed: int = 0) -> dict:
     """The seed-noise null from the explanation files of the run (seed 0) and of every further seed, against the
     run's first explained baseline (raw zero-shot by default), on the gold class of each tweet (the reference
     prediction differs between seeds; gold does not)."""
@@ -287,8 +287,7 @@ def seed_null_of_run(folder: Path, seed_folders: list[Path], baseline: str = ZER
         if seed_keys != keys:
             raise RuntimeError(f"{seed_folder} explains other tweets than {folder}")
         fine_tuned.append(values)
-    settings = json.loads((folder / INTERPRETABILITY_FILE).read_text(encoding="utf-8"))["settings"]
-    result = seed_null(zero_shot, fine_tuned, seed=settings["seed"])
+    result = seed_null(zero_shot, fine_tuned, seed=seed)
     result["target"] = "gold"
     result["baseline"] = baseline
     result["folders"] = [str(folder), *map(str, seed_folders)]
@@ -477,7 +476,8 @@ class ExperimentRun:
                 _release_memory()
             baseline = next(model for model in result.models if model != FINE_TUNED)
             seed_folders = [path.parent for path in self.seed_configs]
-            result.metrics["seed_null"] = seed_null_of_run(self.folder, seed_folders, baseline)
+            bootstrap_seed = result.metrics["settings"]["seed"]  # the run's, already in memory
+            result.metrics["seed_null"] = seed_null_of_run(self.folder, seed_folders, baseline, bootstrap_seed)
             write_json_atomic(self.folder / INTERPRETABILITY_FILE, result.metrics)
             self.summary += [
                 f"seed null: {row['verdict']}" for row in result.metrics["seed_null"]["statistics"].values()
