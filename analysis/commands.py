@@ -89,7 +89,7 @@ def parse_experiment_options(argv: Sequence[str]):
 
     from analysis.provenance.experiment import ExperimentOptions
 
-    parser = ArgumentParser(description=experiment_main.__doc__)
+    parser = ArgumentParser(description=experiment_main.__doc__, exit_on_error=False)
     parser.add_class_arguments(ExperimentOptions, instantiate=False)
     return ExperimentOptions(**dict(parser.parse_args(translate_aliases(argv, experiment_aliases()))))
 
@@ -98,5 +98,5 @@ def experiment_main(argv: Sequence[str] | None = None) -> int:
     """The original experiment in one command: fine-tune, evaluate, explain, report."""
     from analysis.provenance.experiment import run_experiment
 
-    options = parse_experiment_options(sys.argv[1:] if argv is None else argv)
-    return run_reporting_user_errors(lambda: run_experiment(options).summary)
+    arguments = sys.argv[1:] if argv is None else argv
+    return run_reporting_user_errors(lambda: run_experiment(parse_experiment_options(arguments)).summary)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from argparse import ArgumentError
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from analysis.settings import CompareSettings, EvaluateSettings, ExplainSettings
 from datamodules import TweetSentimentDataModule
 from datamodules.tweet_sentiment import DEFAULT_SEED
 from foundation.errors import UserInputError
-from foundation.output_folder import ensure_writable
+from foundation.output_folder import check_output_dir
 from foundation.output_names import CHECKPOINT_DIR
 from lightning_modules import LoRASentimentClassifier
 
@@ -51,7 +52,7 @@ class SentimentCLI(LightningCLI):
         if not self.subcommand:  # built for evaluation or analysis: no Trainer, nothing written
             return
         root = config.trainer.get("default_root_dir") or os.getcwd()
-        ensure_writable(Path(root), "--trainer.default_root_dir")
+        check_output_dir(root, "--trainer.default_root_dir")  # checked, not created: a bad input leaves nothing
         # Checkpoints go to a fixed <root>/checkpoints (not a versioned log folder) so `--ckpt_path last` finds them.
         for callback in config.trainer.get("callbacks") or []:
             if str(callback.get("class_path", "")).endswith("ModelCheckpoint") and not callback.init_args.get(
@@ -59,13 +60,76 @@ class SentimentCLI(LightningCLI):
             ):
                 callback.init_args.dirpath = str(Path(root) / CHECKPOINT_DIR)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads `--ckpt_path` here, right after parsing, and replaces the model's options with those saved
+        # in the checkpoint: a corrupt file, or a checkpoint of another base model than the configuration names, is
+        # one sentence before that (this is Lightning's own hook for it, private but the one place it happens).
+        subcommand = self.config.get("subcommand")
+        saved = _read_checkpoint_file(self.config[subcommand].get("ckpt_path")) if subcommand else None
+        if saved is not None:
+            trained_on = (saved.get("hyper_parameters") or {}).get("model_name")
+            named = self.config[subcommand].model.model_name
+            if trained_on and trained_on != named:
+                raise UserInputError(
+                    f"The checkpoint '{self.config[subcommand].ckpt_path}' was trained on '{trained_on}' but the "
+                    f"configuration names '{named}'; resume it with the --model.model_name it was trained with."
+                )
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        """A checkpoint to resume from must have been trained on these labels: found before the fit starts."""
+        saved = _read_checkpoint_file(self.config.fit.get("ckpt_path"))
+        labels = saved.get("label_names") if saved is not None else None
+        if labels and list(labels) != list(self.datamodule.label_names):
+            raise UserInputError(
+                f"The checkpoint '{self.config.fit.ckpt_path}' was trained on labels {labels} but the data has "
+                f"{self.datamodule.label_names}; use the same --data.label_space."
+            )
+
+    def instantiate_trainer(self, **kwargs):
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from lightning_modules.checkpointing import AtomicCheckpointIO
+
+        trainer = super().instantiate_trainer(**kwargs)
+        # Checkpoints are written atomically whatever the config says, unless it chose its own CheckpointIO.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+
+def _read_checkpoint_file(path: str | None) -> dict | None:
+    """The checkpoint `--ckpt_path FILE` names, read as Lightning will (weights only); None for none or for the names
+    Lightning resolves itself (last, best, ...). A missing, corrupt or foreign file is one sentence."""
+    if not path or path in ("last", "best", "hpc", "registry"):
+        return None
+    import torch
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserInputError(f"The checkpoint '{path}' does not exist; pass a .ckpt file or --ckpt_path last.")
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or not loadable with weights_only
+        raise UserInputError(
+            f"The checkpoint '{path}' is corrupt ({type(error).__name__}); pass another one."
+        ) from error
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise UserInputError(f"'{path}' is not a Lightning checkpoint of this project; pass checkpoints/last.ckpt.")
+    return saved
+
 
 def run_reporting_user_errors(work: Callable[[], list[str] | None]) -> int:
-    """An entry point's exit code: print what `work` returns and give 0, or one `error:` line and 2 on bad input."""
+    """An entry point's exit code: print what `work` returns and give 0, or one `error:` line and 2 on bad input
+    (ours, or an option the parser rejects: its message on one line, instead of the usage of every option)."""
     try:
         lines = work()
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ArgumentError as error:
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: {message} (see --help for the options)", file=sys.stderr)
         return 2
     if lines:
         print("\n".join(lines))
@@ -83,30 +147,39 @@ def program_name_only() -> Iterator[None]:
         sys.argv = saved
 
 
+# Parse errors raise (and become one `error:` line) instead of printing the usage of every option and exiting.
+RAISE_PARSE_ERRORS = {"exit_on_error": False} | {name: {"exit_on_error": False} for name in LightningCLI.subcommands()}
+
+
 def run_cli(args: list[str] | None = None) -> int:
     """`scripts/train.py`: Lightning's fit / validate / test / predict on the configuration."""
 
     def run() -> None:
+        arguments = sys.argv[1:] if args is None else args
+        _config_path(arguments)  # a config that is missing or not a YAML mapping: one sentence
         SentimentCLI(
             LoRASentimentClassifier,
             TweetSentimentDataModule,
             seed_everything_default=DEFAULT_SEED,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs=RAISE_PARSE_ERRORS,
             args=args,
         )
 
     return run_reporting_user_errors(run)
 
 
-def fit(config_path: str | Path) -> LightningCLI:
-    """`scripts/train.py fit --config <config_path>`, in this process; returns the finished LightningCLI."""
+def fit(config_path: str | Path, ckpt_path: str | None = None) -> LightningCLI:
+    """`scripts/train.py fit --config <config_path> [--ckpt_path <ckpt_path>]`, in this process; returns the finished
+    LightningCLI."""
+    args = ["fit", "--config", str(config_path)] + (["--ckpt_path", ckpt_path] if ckpt_path else [])
     with program_name_only():
         return SentimentCLI(
             LoRASentimentClassifier,
             TweetSentimentDataModule,
             seed_everything_default=DEFAULT_SEED,
             save_config_kwargs={"overwrite": True},
-            args=["fit", "--config", str(config_path)],
+            args=args,
         )
 
 
@@ -170,7 +243,7 @@ def load_run(
             args=arguments,
             save_config_callback=None,
             check=check,
-            parser_kwargs={"epilog": alias_help(aliases)} if aliases else None,
+            parser_kwargs={"exit_on_error": False, **({"epilog": alias_help(aliases)} if aliases else {})},
         )
     settings = settings_of(cli.config)
     rest = list(arguments)
@@ -198,8 +271,28 @@ def _config_path(arguments: Sequence[str]) -> Path | None:
         path = Path(value).expanduser()
         if not path.is_file():
             raise UserInputError(f"The config '{value}' does not exist; pass e.g. --config configs/embedded.yaml.")
+        check_config_file(path)
         return path.resolve()
     return None
+
+
+def check_config_file(path: Path) -> None:
+    """A config must be a YAML mapping of sections (trainer, model, data, ...): anything else is one sentence."""
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise UserInputError(
+            f"The config '{path}' is not valid YAML{at}; fix it, or start from configs/embedded.yaml."
+        ) from error
+    if not isinstance(content, dict):
+        raise UserInputError(
+            f"The config '{path}' holds a {type(content).__name__}, not a mapping of sections (trainer:, model:, "
+            "data:, ...); start from configs/embedded.yaml."
+        )
 
 
 # ---- the dashed flags of the README ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.embedded_tweets import EMBEDDED_DATASET
 from datamodules.prompts import PromptEncoder, sample_demonstrations
+from datamodules.samplers import ResumableLoader, ShuffledEpochs
 from datamodules.sources import infer_label_names, load_raw_splits, require_columns, require_split
 from foundation.embedded_model import EMBEDDED_MODEL
 from foundation.errors import UserInputError
@@ -29,6 +30,22 @@ DEFAULT_SEED = 42
 class Example:
     text: str
     label: int
+
+
+def _require_labels(values, split: str, column: str, dataset_name: str) -> None:
+    """Every row has a label: a blank or NaN one (a gap in a CSV) is one sentence, not a crash or a class 'nan'."""
+    missing = [
+        i
+        for i, value in enumerate(values)
+        if value is None
+        or (isinstance(value, float) and value != value)
+        or (isinstance(value, str) and not value.strip())
+    ]
+    if missing:
+        raise UserInputError(
+            f"{len(missing)} rows of the '{split}' split of '{dataset_name}' have no label in column '{column}' (the "
+            f"first is row {missing[0]}); fill them in or remove those rows."
+        )
 
 
 class PromptDataset(Dataset):
@@ -148,6 +165,8 @@ class TweetSentimentDataModule(L.LightningDataModule):
         self._tokenizer = None
         self._encoder: PromptEncoder | None = None
         self.skipped_empty = 0
+        self._train_loader: ResumableLoader | None = None
+        self._train_order: dict | None = None  # a checkpoint's place in the training order, for the next loader
 
     # ---- rows -------------------------------------------------------------------------------------------------
     def _load_rows(self) -> None:
@@ -161,7 +180,14 @@ class TweetSentimentDataModule(L.LightningDataModule):
             require_columns(
                 split, [(hp.text_field, "--data.text_field"), (hp.label_field, "--data.label_field")], hp.dataset_name
             )
+        for split, name in ((train, hp.train_split), (evaluation, hp.eval_split)):
+            _require_labels(split[hp.label_field], name, hp.label_field, hp.dataset_name)
         names, to_index = self._label_mapping(train, evaluation)
+        if len(names) < 2:
+            raise UserInputError(
+                f"The dataset '{hp.dataset_name}' has one class only ({', '.join(names)}); a classifier needs at least "
+                "two: check --data.label_field and --data.label_space."
+            )
         self._label_names = names
         self._train = self._subset(self._examples(train, to_index), hp.train_subset, hp.seed)
         self._eval = self._subset(self._examples(evaluation, to_index), hp.eval_subset, hp.seed)
@@ -179,6 +205,11 @@ class TweetSentimentDataModule(L.LightningDataModule):
 
     def _label_mapping(self, train, evaluation) -> tuple[list[str], dict]:
         hp = self.hparams
+        for flag, names in (("--data.class_names", hp.class_names), ("--data.label_space", hp.label_space)):
+            stripped = [str(name).strip() for name in names or []]
+            twice = sorted({name for name in stripped if stripped.count(name) > 1})
+            if twice:
+                raise UserInputError(f"{flag} names {', '.join(map(repr, twice))} twice; give each class once.")
         values = list(train[hp.label_field]) + list(evaluation[hp.label_field])
         string_labels = bool(values) and isinstance(values[0], str)
         if string_labels:
@@ -307,24 +338,40 @@ class TweetSentimentDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         processes, rank = self._processes()
         order_seed = hp.seed if hp.shuffle_seed is None else hp.shuffle_seed
+        options = dict(num_workers=hp.num_workers, collate_fn=lambda items: collate_prompts(items, pad))
         if shuffle:
             # One permutation per (seed, epoch), whatever the number of processes: rank r takes every
             # processes-th index, so with per-device batch b the ranks' batches together are exactly the
             # single-process batch of size b * processes (Lightning calls set_epoch each epoch).
-            sampler = DistributedSampler(dataset, num_replicas=processes, rank=rank, shuffle=True, seed=order_seed)
-        else:
-            sampler = _LengthSorted(dataset, num_replicas=processes, rank=rank)
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size if shuffle else (hp.eval_batch_size or hp.batch_size),
-            sampler=sampler,
-            num_workers=hp.num_workers,
-            collate_fn=lambda items: collate_prompts(items, pad),
-            generator=torch.Generator().manual_seed(order_seed) if shuffle else None,
-        )
+            sampler = ShuffledEpochs(dataset, num_replicas=processes, rank=rank, seed=order_seed)
+            generator = torch.Generator().manual_seed(order_seed)
+            return ResumableLoader(dataset, sampler, batch_size=hp.batch_size, generator=generator, **options)
+        sampler = _LengthSorted(dataset, num_replicas=processes, rank=rank)
+        return DataLoader(dataset, batch_size=hp.eval_batch_size or hp.batch_size, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        self._train_loader = self._loader(self.train_dataset, shuffle=True)
+        if self._train_order is not None:
+            self._train_loader.load_state_dict(self._train_order)
+        return self._train_loader
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._train_order = None  # a later fit of this DataModule starts its own order
+
+    # ---- checkpoints: the place in the training order ---------------------------------------------------------
+    # Lightning also offers the loader's own state_dict to the checkpoint, but restores it only when the loader is
+    # built after the checkpoint is read; `configure_optimizers` reads `estimated_stepping_batches`, which builds
+    # it first (Lightning-AI/pytorch-lightning#20550). The DataModule's state is restored in either order, and the
+    # loader applies it lazily, at its first batch.
+    def state_dict(self) -> dict:
+        return {"train_order": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "train_order" in state_dict:
+            self._train_order = dict(state_dict["train_order"])
+            if self._train_loader is not None:
+                self._train_loader.load_state_dict(self._train_order)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset, shuffle=False)

@@ -34,13 +34,3 @@ def check_output_dir(path: str | Path, flag: str = "--output-dir") -> Path:
             f"Cannot write to the output folder '{folder}' ({error.strerror}); choose another {flag}."
         ) from error
     return folder
-
-
-def ensure_writable(folder: Path, flag: str) -> None:
-    """Create `folder` (a training root) and check a file can be written in it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise UserInputError(f"Cannot write to the output folder '{folder}' ({error.strerror}); set {flag}.") from error

@@ -73,8 +73,15 @@ def load_causal_lm(
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except SafetensorError as error:  # a truncated or damaged weights file (an interrupted download or copy)
+        raise UserInputError(
+            f"The weights of '{model_name}' are damaged ({str(error).splitlines()[0]}); download or copy the model "
+            "again."
+        ) from error
     except (OSError, ValueError) as error:
         raise hub_error(model_name, error) from error
 

@@ -22,6 +22,7 @@ from foundation.embedded_model import EMBEDDED_MODEL
 from foundation.errors import UserInputError
 from foundation.hub import resolve_token
 from lightning_modules.backbone import attach_lora, load_causal_lm, use_4bit
+from lightning_modules.checkpointing import random_states, restore_random_states
 from lightning_modules.scoring import LabelScorer, logits_at_positions
 
 
@@ -99,6 +100,7 @@ class LoRASentimentClassifier(L.LightningModule):
         )
         # Checkpoints carry only the LoRA weights; the frozen base is reloaded from model_name.
         self._adapter_enabled = True
+        self._resumed_random_states: list[dict] | None = None  # from a checkpoint, applied when training starts
         # predict's scorer per prompt prefix (the k-shot prompt has its own)
         self._scorers: dict[tuple[int, ...], LabelScorer] = {}
         self.backbone.train()  # from_pretrained returns eval mode; LoRA dropout must be active in fit
@@ -148,6 +150,14 @@ class LoRASentimentClassifier(L.LightningModule):
         # Lightning keeps whatever mode modules were left in (e.g. eval after scoring); LoRA dropout and the
         # bitsandbytes training kernels need train mode, so training always starts from it.
         self.backbone.train()
+        # A resumed fit draws the dropout masks the uninterrupted one would have drawn: the generators continue
+        # from the checkpoint (set here, after the sanity-check validation, which draws nothing anyway).
+        if self._resumed_random_states is not None:
+            by_rank = self._resumed_random_states
+            # Each process continues its own generators; with another number of processes, rank 0's.
+            rank = self.global_rank if len(by_rank) == self.trainer.world_size else 0
+            restore_random_states(by_rank[rank], self.device)
+            self._resumed_random_states = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch)
@@ -233,6 +243,15 @@ class LoRASentimentClassifier(L.LightningModule):
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["label_names"] = self.label_names
         checkpoint["label_token_ids"] = self.label_token_ids.tolist()
+        # Every process's generators (DDP ranks draw their own dropout masks); only rank 0 writes the file.
+        states = random_states(self.device)
+        if self.trainer.world_size > 1:
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            states = gathered
+        else:
+            states = [states]
+        checkpoint["random_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = set(self.trainable_state_dict())
@@ -247,3 +266,4 @@ class LoRASentimentClassifier(L.LightningModule):
                 f"The checkpoint was trained on labels {checkpoint['label_names']} but the data has "
                 f"{self.label_names}; use the same --data.label_space."
             )
+        self._resumed_random_states = checkpoint.get("random_states")  # one entry per process of the saving fit

@@ -329,6 +329,10 @@ def bad_inputs(trained, tmp_path_factory) -> dict:
     no_positive.mkdir()
     write_csv(no_positive / "train.csv", synthetic_rows(12, seed=3))
     write_csv(no_positive / "test.csv", [row for row in synthetic_rows(12, seed=4) if row[1] != "positive"])
+    neutral_eval = root / "neutral_eval"  # no eval tweet of either class kept
+    neutral_eval.mkdir()
+    write_csv(neutral_eval / "train.csv", synthetic_rows(12, seed=3))
+    write_csv(neutral_eval / "test.csv", [row for row in synthetic_rows(12, seed=4) if row[1] == "neutral"])
 
     def cfg(name: str, model_name: str = model, data_root: str = str(trained["data"]), **data) -> str:
         return str(write_tiny_config(root / f"{name}.yaml", model_name, data_root, root / "train", **data))
@@ -352,7 +356,7 @@ def bad_inputs(trained, tmp_path_factory) -> dict:
             "prompt_style",
         ),
         "eval split empty after label filtering": (
-            ["--config", cfg("empty_eval", data_root=str(no_positive), label_space=["positive"])],
+            ["--config", cfg("empty_eval", data_root=str(neutral_eval), label_space=["negative", "positive"])],
             "no rows left",
         ),
         "output folder under a file": (["--config", config, "--output-dir", str(root / "a_file" / "out")], "is a file"),

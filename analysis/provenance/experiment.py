@@ -57,10 +57,12 @@ from foundation.output_names import (
     LIGHTNING_LOGS_DIR,
     MANIFEST_FILE,
     PREDICTIONS_FILE,
+    PROGRESS_DIR,
     REPORT_FILE,
     SEED_METRICS_FILE,
     SEEDS_DIR,
     TENSORBOARD_DIR,
+    metrics_file,
     shap_file,
     shap_summary_plot,
 )
@@ -135,6 +137,9 @@ class ExperimentOptions:
     """Copy the Quantum Pass badge (--no-project-badge skips it)."""
     huggingface_token: str | None = field(default=None, repr=False)
     """Token for gated hub repos; kept in this process's environment only (default: HF_TOKEN / HUGGINGFACE_TOKEN)."""
+    overwrite: bool = False
+    """Start over in an output folder that holds an earlier run (without it, the same options resume that run and
+    other options are refused)."""
 
 
 @dataclass
@@ -333,15 +338,24 @@ def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentRe
         os.environ["HF_TOKEN"] = options.huggingface_token  # read by every loader; never written
     secrets = [options.huggingface_token] + [os.environ.get(name) for name in TOKEN_ENV_VARS]
     options = replace(options, huggingface_token=None)
+    # Everything that can be wrong is found here, before anything is written.
     folder = check_output_dir(options.output_dir)
     config = run_config(options, folder)
     check_options(options, config)
     badge_folder = None
     if options.project_badge:
         badge_folder = check_output_dir(options.project_badge_dir) if options.project_badge_dir else folder
+    check_inputs(options, config)
+    previous = None if options.overwrite else previous_run(folder, recorded_options(options, secrets), config)
+    if options.overwrite:
+        remove_previous_run(folder)
+    if options.project_badge:
         log(f"Quantum Pass badge: {BADGE_ID}")
+    if previous is not None:
+        done = previous["phases_done"]
+        log(f"== resuming the run in {folder}: {', '.join(done) if done else 'no phase'} finished before ==")
 
-    run = ExperimentRun(options, folder, config, secrets, started)
+    run = ExperimentRun(options, folder, config, secrets, started, previous)
     try:
         if options.finetune:
             log("== fine-tuning a LoRA adapter (scripts/train.py fit) ==")
@@ -359,24 +373,117 @@ def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentRe
         raise
 
 
+# ---- before anything is written: the inputs, and an earlier run in the same folder ------------------------------
+def check_inputs(options: ExperimentOptions, config: dict) -> None:
+    """Read the data and the tokenizer the run will use, as the fit will: the dataset can be read, its splits,
+    columns and labels, the label words (one token each) and the k-shot demonstrations the train split must supply.
+    A bad input is one sentence now, not a failure after the fine-tuning."""
+    from analysis.models import K_SHOT
+
+    data = {**config["data"], "tokenizer_name": config["model"]["model_name"]}
+    datamodule = TweetSentimentDataModule(**data)
+    datamodule.tokenizer  # noqa: B018 - the model first: its tokenizer is found (hub, folder or embedded) or not
+    datamodule.label_token_ids  # noqa: B018 - the rows, their labels, the prompt and its one-token label words
+    if K_SHOT in options.baselines:
+        try:
+            datamodule.make_encoder(options.k_shot)
+        except UserInputError as error:
+            raise UserInputError(
+                f"The k-shot baseline cannot be built: {error} Drop k_shot from --baselines or lower --k-shot."
+            ) from error
+
+
+# Options that name where a run goes or how it is started, not what it computes.
+_NOT_COMPARED = {"output_dir", "overwrite", "huggingface_token_given", "project_badge_dir", "project_badge"}
+
+
+def recorded_options(options: ExperimentOptions, secrets: list[str | None]) -> dict:
+    """The options as `run.json` records them: no token, only whether one was given."""
+    recorded = {k: v for k, v in asdict(options).items() if k != "huggingface_token"}
+    recorded["huggingface_token_given"] = any(secrets)
+    return recorded
+
+
+def previous_run(folder: Path, options: dict, config: dict) -> dict | None:
+    """The manifest of an earlier run in `folder` that this one continues, or None when there is none.
+
+    Its options must be these: a resumed run that mixed two configurations would be neither. A finished phase is
+    then kept, an interrupted fit resumes from its checkpoint and an interrupted explanation from its finished
+    tweets.
+    """
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        before = manifest["options"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserInputError(
+            f"The output folder '{folder}' holds a {MANIFEST_FILE} that cannot be read ({error}); choose another "
+            "--output-dir, or add --overwrite to start over there."
+        ) from error
+    differ = [
+        f"--{key.replace('_', '-')} {before.get(key)!r} there, {value!r} here"
+        for key, value in options.items()
+        if key not in _NOT_COMPARED and before.get(key) != value
+    ]
+    if not differ and manifest.get("config") != without_secrets(config, []):
+        differ = ["the configuration these options give (the project's defaults changed since that run)"]
+    if differ:
+        raise UserInputError(
+            f"The output folder '{folder}' holds a run with other options ({'; '.join(differ)}); rerun with its "
+            "options to resume it, choose another --output-dir, or add --overwrite to start over."
+        )
+    manifest.setdefault("phases_done", [])
+    manifest.setdefault("summaries", {})
+    return manifest
+
+
+def remove_previous_run(folder: Path) -> None:
+    """--overwrite: remove what an earlier run wrote in `folder` (the names it lists and those a fit or an
+    explanation writes before it lists them); other files stay."""
+    import shutil
+
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        return
+    try:
+        listed = json.loads(path.read_text(encoding="utf-8")).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    for name in {*listed, *TRAINING_OUTPUTS, SEEDS_DIR, PROGRESS_DIR, MANIFEST_FILE}:
+        target = folder / Path(name).name  # names only: never a path outside the folder
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
 class ExperimentRun:
     """One run's output folder, manifest and list of files it produced, filled in phase by phase.
 
-    `run.json` is rewritten after every phase, so an interrupted run still says what it did and how long it took.
+    `run.json` is rewritten after every phase and lists the phases finished (`phases_done`) with their summary lines,
+    so an interrupted run says what it did, and the same command continues it: finished phases are not redone.
     """
 
-    def __init__(self, options: ExperimentOptions, folder: Path, config: dict, secrets: list[str | None], started: str):
+    def __init__(
+        self,
+        options: ExperimentOptions,
+        folder: Path,
+        config: dict,
+        secrets: list[str | None],
+        started: str,
+        previous: dict | None = None,
+    ):
         self.options, self.folder, self.secrets = options, folder, secrets
         self.timer = PhaseTimer()
         folder.mkdir(parents=True, exist_ok=True)
         self.config_path = write_text_atomic(folder / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
-        recorded_options = {k: v for k, v in asdict(options).items() if k != "huggingface_token"}
-        recorded_options["huggingface_token_given"] = any(secrets)
         self.manifest: dict = {
             "command": "scripts/run_experiment.py",
             "status": "running",
             "started_at_utc": started,
-            "options": recorded_options,
+            "options": recorded_options(options, secrets),
             "config": config,  # what every phase read: config.yaml, the flags applied to the base config
             "lightning_config": None,  # LightningCLI's full dump of it, with every default, once training ran
             "seed": DEFAULT_SEED,
@@ -392,11 +499,23 @@ class ExperimentRun:
             "packages": package_versions(),
             "git": git_commit(PROJECT_ROOT),
             "phase_seconds": {},
+            "phases_done": [],
+            "summaries": {},  # the summary lines of each finished phase, printed again when a resumed run ends
+            "attempts": [],  # one entry per process that worked on this run: started, and how it ended
             "badge": None,
             "outputs": [],
         }
         self.produced = [CONFIG_FILE, MANIFEST_FILE]
-        self.summary: list[str] = []
+        self.earlier_seconds: dict[str, float] = {}
+        if previous is not None:
+            for key in ("lightning_config", "data", "phases_done", "summaries", "attempts"):
+                self.manifest[key] = previous.get(key, self.manifest[key])
+            self.manifest["started_at_utc"] = previous.get("started_at_utc", started)
+            self.produced += previous.get("outputs", [])
+            self.earlier_seconds = {
+                k: v for k, v in previous.get("phase_seconds", {}).items() if k in self.manifest["phases_done"]
+            }
+        self.manifest["attempts"].append({"started_at_utc": started, "status": "running"})
         # Training seeds 1 .. K-1, each a complete run of its own in seeds/seed_<k>/ (seed 0 is this folder).
         self.seed_configs = []
         for k in range(1, options.seeds):
@@ -409,30 +528,57 @@ class ExperimentRun:
             self.manifest["seeds"]["training_seeds"] = [DEFAULT_SEED + k for k in range(options.seeds)]
         self.save_manifest()
 
+    @property
+    def summary(self) -> list[str]:
+        return [line for lines in self.manifest["summaries"].values() for line in lines]
+
+    def done(self, phase: str) -> bool:
+        return phase in self.manifest["phases_done"]
+
+    def finished(self, phase: str, summary: list[str] | None = None) -> None:
+        """Record `phase` as done (with its summary lines) in run.json: a rerun of the command skips it."""
+        self.manifest["phases_done"].append(phase)
+        if summary:
+            self.manifest["summaries"][phase] = list(summary)
+        self.save_manifest()
+
     def save_manifest(self, status: str = "running") -> None:
         self.manifest["status"] = status
-        self.manifest["phase_seconds"] = self.timer.summary()
+        self.manifest["attempts"][-1]["status"] = status
+        seconds = self.timer.summary()
+        total = seconds.pop("total") + sum(self.earlier_seconds.values())
+        self.manifest["phase_seconds"] = {**self.earlier_seconds, **seconds, "total": round(total, 3)}
         self.manifest["outputs"] = sorted(set(self.produced))
         write_json_atomic(self.folder / MANIFEST_FILE, without_secrets(self.manifest, self.secrets))
 
-    def train(self) -> Path:
+    def _fit(self, config_path: Path):
+        """`scripts/train.py fit` on one configuration; after a kill, from its last checkpoint (the next batch)."""
         from analysis.configuration import fit
 
+        checkpoint = config_path.parent / CHECKPOINT_DIR / "last.ckpt"
+        return fit(config_path, ckpt_path="last" if checkpoint.is_file() else None)
+
+    def train(self) -> Path:
         for k, config_path in enumerate(self.seed_configs, start=1):
+            if self.done(f"train_seed_{k}"):
+                continue
             with self.timer.phase(f"train_seed_{k}"):
-                fit(config_path)  # its adapter is in the seed's folder; the finished CLI is dropped here
+                self._fit(config_path)  # its adapter is in the seed's folder; the finished CLI is dropped here
             _release_memory()
-        with self.timer.phase("train"):
-            cli = fit(self.config_path)
-        datamodule = cli.datamodule
-        self.manifest["data"]["train"] = examples_fingerprint(_labelled_texts(datamodule, datamodule.train_examples))
-        saved_config = Path(cli.trainer.log_dir or self.folder) / CONFIG_FILE
-        if saved_config.is_file():
-            self.manifest["lightning_config"] = yaml.safe_load(saved_config.read_text())
-        del cli, datamodule
-        _release_memory()
-        self.produced += [name for name in TRAINING_OUTPUTS if (self.folder / name).exists()]
-        self.save_manifest()
+            self.finished(f"train_seed_{k}")
+        if not self.done("train"):
+            with self.timer.phase("train"):
+                cli = self._fit(self.config_path)
+            datamodule = cli.datamodule
+            train = _labelled_texts(datamodule, datamodule.train_examples)
+            self.manifest["data"]["train"] = examples_fingerprint(train)
+            saved_config = Path(cli.trainer.log_dir or self.folder) / CONFIG_FILE
+            if saved_config.is_file():
+                self.manifest["lightning_config"] = yaml.safe_load(saved_config.read_text())
+            del cli, datamodule
+            _release_memory()
+            self.produced += [name for name in TRAINING_OUTPUTS if (self.folder / name).exists()]
+            self.finished("train")
         return self.folder / ADAPTER_DIR
 
     def evaluate(self) -> None:
@@ -440,25 +586,31 @@ class ExperimentRun:
         from analysis.evaluation.run import check_evaluation, evaluate
         from analysis.report.tables import evaluation_summary
 
-        with self.timer.phase("evaluate"):
-            evaluation = evaluate(load_run(["--config", str(self.config_path)], check=check_evaluation))
-        _release_memory()
-        self.produced += [path.name for path in evaluation.files] + [TENSORBOARD_DIR]
-        self.manifest["data"]["eval"] = _predictions_fingerprint(self.folder / PREDICTIONS_FILE)
-        self.summary += evaluation_summary(evaluation)
-        if self.seed_configs:
-            per_seed = [evaluation.metrics[FINE_TUNED]]
-            for k, config_path in enumerate(self.seed_configs, start=1):
+        if not self.done("evaluate"):
+            with self.timer.phase("evaluate"):
+                evaluation = evaluate(load_run(["--config", str(self.config_path)], check=check_evaluation))
+            _release_memory()
+            self.produced += [path.name for path in evaluation.files] + [TENSORBOARD_DIR]
+            self.manifest["data"]["eval"] = _predictions_fingerprint(self.folder / PREDICTIONS_FILE)
+            self.finished("evaluate", evaluation_summary(evaluation))
+        if not self.seed_configs or self.done("seed_metrics"):
+            return
+        per_seed = [self._metrics(self.folder)]
+        for k, config_path in enumerate(self.seed_configs, start=1):
+            if not self.done(f"evaluate_seed_{k}"):
                 with self.timer.phase(f"evaluate_seed_{k}"):
-                    per_seed.append(
-                        evaluate(load_run(["--config", str(config_path)], check_evaluation)).metrics[FINE_TUNED]
-                    )
+                    evaluate(load_run(["--config", str(config_path)], check_evaluation))
                 _release_memory()
-            summary = seed_metric_summary(per_seed, self.manifest["seeds"]["training_seeds"])
-            write_json_atomic(self.folder / SEED_METRICS_FILE, summary)
-            self.produced.append(SEED_METRICS_FILE)
-            self.summary += seed_metric_lines(summary)
-        self.save_manifest()
+                self.finished(f"evaluate_seed_{k}")
+            per_seed.append(self._metrics(config_path.parent))
+        summary = seed_metric_summary(per_seed, self.manifest["seeds"]["training_seeds"])
+        write_json_atomic(self.folder / SEED_METRICS_FILE, summary)
+        self.produced.append(SEED_METRICS_FILE)
+        self.finished("seed_metrics", seed_metric_lines(summary))
+
+    @staticmethod
+    def _metrics(folder: Path) -> dict:
+        return json.loads((folder / metrics_file(FINE_TUNED)).read_text(encoding="utf-8"))
 
     def explain(self) -> None:
         from analysis.configuration import load_run
@@ -466,28 +618,34 @@ class ExperimentRun:
         from analysis.explanation.run import check_explanation, run_analysis
         from analysis.report.tables import analysis_summary
 
-        with self.timer.phase("explain"):
-            result = run_analysis(load_run(["--config", str(self.config_path)], check=check_explanation), _to_stderr)
-        _release_memory()
-        if self.seed_configs and FINE_TUNED in result.models:
+        if not self.done("explain"):
+            # An interrupted explanation resumes by itself: every finished tweet was saved in .progress/.
+            with self.timer.phase("explain"):
+                result = run_analysis(
+                    load_run(["--config", str(self.config_path)], check=check_explanation), _to_stderr
+                )
+            _release_memory()
+            self.produced += [path.name for path in result.files]
+            self.manifest["data"]["explained"] = _explained_fingerprint(self.folder / shap_file(result.models[0]))
+            self.manifest["explained_models"] = list(result.models)
+            self.finished("explain", analysis_summary(result))
+        models = self.manifest.get("explained_models", [])
+        if self.seed_configs and FINE_TUNED in models and not self.done("seed_null"):
             for k, config_path in enumerate(self.seed_configs, start=1):
-                with self.timer.phase(f"explain_seed_{k}"):
-                    run_analysis(load_run(["--config", str(config_path)], check_explanation), _to_stderr)
-                _release_memory()
-            baseline = next(model for model in result.models if model != FINE_TUNED)
+                if not self.done(f"explain_seed_{k}"):
+                    with self.timer.phase(f"explain_seed_{k}"):
+                        run_analysis(load_run(["--config", str(config_path)], check_explanation), _to_stderr)
+                    _release_memory()
+                    self.finished(f"explain_seed_{k}")
+            metrics = json.loads((self.folder / INTERPRETABILITY_FILE).read_text(encoding="utf-8"))
+            baseline = next(model for model in models if model != FINE_TUNED)
             seed_folders = [path.parent for path in self.seed_configs]
-            bootstrap_seed = result.metrics["settings"]["seed"]  # the run's, already in memory
-            result.metrics["seed_null"] = seed_null_of_run(self.folder, seed_folders, baseline, bootstrap_seed)
-            write_json_atomic(self.folder / INTERPRETABILITY_FILE, result.metrics)
-            self.summary += [
-                f"seed null: {row['verdict']}" for row in result.metrics["seed_null"]["statistics"].values()
-            ]
-        self.produced += [path.name for path in result.files]
-        first = self.folder / shap_file(result.models[0])
-        self.manifest["data"]["explained"] = _explained_fingerprint(first)
-        self.summary += analysis_summary(result)
-        show_in_notebook([self.folder / shap_summary_plot(model) for model in result.models])
-        self.save_manifest()
+            bootstrap_seed = metrics["settings"]["seed"]
+            metrics["seed_null"] = seed_null_of_run(self.folder, seed_folders, baseline, bootstrap_seed)
+            write_json_atomic(self.folder / INTERPRETABILITY_FILE, metrics)
+            lines = [f"seed null: {row['verdict']}" for row in metrics["seed_null"]["statistics"].values()]
+            self.finished("seed_null", lines)
+        show_in_notebook([self.folder / shap_summary_plot(model) for model in models])
 
     def finish(self, badge_folder: Path | None) -> ExperimentResult:
         if badge_folder is not None:
@@ -500,8 +658,8 @@ class ExperimentRun:
             report = write_report(self.folder, self.produced, badge_svg)
         self.produced.append(REPORT_FILE)
         self.save_manifest("complete")
-        self.summary.append(f"report: {report}")
-        return ExperimentResult(self.folder, self.manifest, report, sorted(set(self.produced)), self.summary)
+        summary = [*self.summary, f"report: {report}"]
+        return ExperimentResult(self.folder, self.manifest, report, sorted(set(self.produced)), summary)
 
 
 def _to_stderr(message: str) -> None:
