@@ -38,6 +38,7 @@ ANALYZE_ALIASES = {
     "--target": Alias("--explain.target"),
     "--comparison-target": Alias("--explain.comparison_target"),
     "--features": Alias("--explain.features"),
+    "--explainers": Alias("--explain.explainers", "list"),
     "--num-shards": Alias("--explain.num_shards"),
     "--shard-index": Alias("--explain.shard_index"),
 }

@@ -18,6 +18,9 @@ from analysis.models import BASELINES, DEFAULT_K, ZERO_SHOT
 TARGETS = ("predicted", "gold")
 COMPARISON_TARGETS = ("gold", "reference")
 FEATURES = ("words", "tokens")  # analysis.explanation.shap_values.TweetMasker's features
+# Attribution methods on the one value function: `partition` (shap's Owen values: every statistic and the report read
+# them) and `occlusion` (leave-one-out).
+EXPLAINERS = ("partition", "occlusion")
 
 
 @dataclass
@@ -74,6 +77,10 @@ class ExplainSettings:
     comparison_target: str = "gold"
     """The one class per tweet every comparison of two models reads: the `gold` label or the `reference` model's
     (fine-tuned, else the first baseline's) prediction."""
+    explainers: list[str] = field(default_factory=lambda: ["partition"])
+    """Attribution methods, on the same features and value function: `partition` (Owen values, `<model>_shap.json`;
+    always included: the statistics and the report read it) and `occlusion` (leave-one-out, f(x) - f(x without the
+    feature) for each feature: n + 1 evaluations, exact; `<model>_occlusion.json`)."""
     random_orders: int = 3
     """Random token rankings per example for the faithfulness baseline (one alone is a noisy baseline)."""
     num_shards: int | None = None

@@ -42,5 +42,10 @@ def shap_file(model: str) -> str:
     return f"{model}_shap.json"
 
 
+def explanation_file(model: str, explainer: str) -> str:
+    """One model's attributions by one explainer: `<model>_shap.json` for partition, `<model>_<explainer>.json`."""
+    return shap_file(model) if explainer == "partition" else f"{model}_{explainer}.json"
+
+
 def shap_summary_plot(model: str) -> str:
     return f"{model}_shap_summary.png"

@@ -56,7 +56,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        write_bytes_atomic(Path(path), buffer.getvalue())
+        path = Path(path)
+        write_bytes_atomic(path, buffer.getvalue())
+        # A write killed before its rename leaves its hidden temp file (never a half checkpoint): drop such leftovers.
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 class PeriodicModelCheckpoint(ModelCheckpoint):

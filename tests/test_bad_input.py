@@ -89,6 +89,8 @@ CASES = [
     Case("no tweets to explain", E, (*FT, "--shap-example-count", "0"), "example"),
     Case("no training tweets", E, (*FT, "--train-subset", "0"), "--train-subset must be a positive number"),
     Case("unknown baseline", E, (*FT, "--baselines", "few_shot"), "Unknown baseline 'few_shot'"),
+    Case("unknown explainer", E, (*FT, "--explainers", "partition", "lime2"), "Unknown explainer 'lime2'"),
+    Case("explainers without partition", E, (*FT, "--explainers", "occlusion"), "must include partition"),
     Case("unknown features", E, (*FT, "--features", "sentences"), "sentences"),
     Case("unknown comparison target", E, (*FT, "--comparison-target", "majority"), "majority"),
     Case("output path is a file", E, (*FT, "--output-dir", "{files}/a_file"), "is a file, not a folder"),

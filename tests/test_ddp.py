@@ -13,9 +13,11 @@ per-rank loss logged) fails them.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(folder: Path, model_dir: str, data_dir: str) -> Path:
+def write_config(folder: Path, model_dir: str, data_dir: str, every_n_train_steps: int | None = None) -> Path:
+    checkpoint = {"save_last": True, "save_top_k": 0}
+    if every_n_train_steps:
+        checkpoint["every_n_train_steps"] = every_n_train_steps
     config = {
         "seed_everything": 42,
         "trainer": {
@@ -45,10 +50,7 @@ def write_config(folder: Path, model_dir: str, data_dir: str) -> Path:
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"save_last": True, "save_top_k": 0},
-                },
+                {"class_path": "lightning_modules.PeriodicModelCheckpoint", "init_args": checkpoint},
                 {"class_path": "lightning_modules.ExportAdapter"},
             ],
         },
@@ -61,16 +63,21 @@ def write_config(folder: Path, model_dir: str, data_dir: str) -> Path:
         },
         "data": {"dataset_name": data_dir, "seed": 0, "eval_subset": EVAL_EXAMPLES, "eval_batch_size": 8},
     }
-    path = folder / "ddp.yaml"
+    path = folder / f"ddp-{every_n_train_steps or 'epoch'}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def fit(config: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+def fit_command(config: Path, out: Path, *args: str) -> tuple[list[str], dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), HUGGINGFACE_TOKEN=SECRET)
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(config)]
     command += ["--trainer.default_root_dir", str(out), "--model.huggingface_token", SECRET, *args]
+    return command, env
+
+
+def fit(config: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    command, env = fit_command(config, out, *args)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -129,6 +136,41 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny
     assert saved["model"]["huggingface_token"] is None
     assert SECRET.encode() not in b"".join(p.read_bytes() for p in ddp.rglob("*") if p.is_file())
     assert SECRET not in result.stdout + result.stderr
+
+    # Killed with kill -9 (both processes) after its first periodic checkpoint, the DDP fit resumes with
+    # --ckpt_path last to the uninterrupted DDP adapter: each rank continues its share of the same order.
+    periodic, killed = (
+        write_config(tmp_path, tiny_model_dir, synthetic_folder, every_n_train_steps=2),
+        tmp_path / "kill",
+    )
+    command, env = fit_command(periodic, killed, "--data.batch_size", "4", "--trainer.strategy", "ddp")
+    command += ["--trainer.devices", "2"]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    checkpoint = killed / "checkpoints" / "last.ckpt"
+    while not checkpoint.exists() and process.poll() is None:
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and the rank it started
+    process.wait(timeout=60)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert process.returncode == -signal.SIGKILL and 2 <= saved["global_step"] < 24
+    assert len(saved["random_states"]) == 2  # one per process
+    fit(
+        periodic,
+        killed,
+        "--data.batch_size",
+        "4",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--ckpt_path",
+        "last",
+    )
+    resumed = load_file(killed / "lora_adapter" / "adapter_model.safetensors")
+    uninterrupted = load_file(ddp / "lora_adapter" / "adapter_model.safetensors")
+    assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in uninterrupted) <= 1e-6
 
 
 def test_eval_sampler_deals_every_example_once_without_padding(synthetic_folder, tiny_model_dir):

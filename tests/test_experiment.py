@@ -113,6 +113,7 @@ BASELINE_DEFAULTS = {
     "comparison_target": "gold",
     "seeds": 1,
     "overwrite": False,
+    "explainers": ["partition"],
 }
 OUR_FLAGS = {
     "--baselines",
@@ -122,6 +123,7 @@ OUR_FLAGS = {
     "--comparison-target",
     "--seeds",
     "--overwrite",
+    "--explainers",
 }
 
 

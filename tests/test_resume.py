@@ -104,10 +104,10 @@ EXPERIMENT = ROOT / "scripts" / "run_experiment.py"
 
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory) -> Path:
-    """800 training tweets: 50 optimizer steps of the original recipe (batch 4 x accumulation 4), so the periodic
-    checkpoint (every 25 steps) is written half-way through the fit."""
+    """320 training tweets: 20 optimizer steps of the original recipe (batch 4 x accumulation 4), so the periodic
+    checkpoint (every 10 steps) is written half-way through the fit."""
     folder = tmp_path_factory.mktemp("long")
-    write_csv(folder / "train.csv", synthetic_rows(800, seed=1))
+    write_csv(folder / "train.csv", synthetic_rows(320, seed=1))
     write_csv(folder / "test.csv", synthetic_rows(12, seed=2))
     return folder
 
@@ -141,9 +141,9 @@ def test_the_one_command_resumes_a_killed_run_and_redoes_nothing_finished(tmp_pa
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed = json.loads((out / "run.json").read_text())
     assert killed["status"] == "running" and killed["phases_done"] == []  # kill -9: nothing could record it
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 25
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 10
 
-    # The same command continues: the fit from its checkpoint (step 25 of 50), then the rest.
+    # The same command continues: the fit from its checkpoint (step 10 of 20), then the rest.
     assert experiment_main(flags) == 0
     printed = capsys.readouterr()
     assert f"resuming the run in {out}" in printed.out
@@ -151,7 +151,7 @@ def test_the_one_command_resumes_a_killed_run_and_redoes_nothing_finished(tmp_pa
     assert manifest["status"] == "complete" and [a["status"] for a in manifest["attempts"]] == ["running", "complete"]
     assert manifest["phases_done"] == ["train", "evaluate", "explain"]
     resumed_from = torch.load(checkpoint, weights_only=True)
-    assert resumed_from["global_step"] == 50
+    assert resumed_from["global_step"] == 20
     events = sorted((out / "lightning_logs").glob("version_*/events.out.tfevents.*"))
     assert len(events) == 2  # the killed fit's log and the resumed one's
 
@@ -162,7 +162,8 @@ def test_the_one_command_resumes_a_killed_run_and_redoes_nothing_finished(tmp_pa
     after = modified_times(out)
     unchanged = {name for name in before if before[name] == after.get(name)}
     assert {"lora_adapter/adapter_model.safetensors", "fine_tuned_metrics.json", "fine_tuned_shap.json"} <= unchanged
-    assert "fine-tuning" not in again.split("resuming", 1)[1].split("\n", 1)[0]
+    assert "== fine-tuning a LoRA adapter (scripts/train.py fit) (finished before: kept) ==" in again
+    assert "== explaining with SHAP (finished before: kept) ==" in again
     summary = [line for line in printed.out.splitlines() if line.startswith("fine_tuned") or "accuracy" in line]
     assert summary and all(line in again for line in summary)
 
@@ -178,3 +179,25 @@ def test_the_one_command_resumes_a_killed_run_and_redoes_nothing_finished(tmp_pa
     assert len(fresh["attempts"]) == 1 and fresh["phases_done"] == ["evaluate"]
     assert not (out / "lora_adapter").exists() and not (out / "checkpoints").exists()
     assert not (out / "fine_tuned_shap.json").exists()
+
+
+def test_a_run_of_an_older_version_resumes_when_its_new_options_are_at_their_defaults(tmp_path):
+    from analysis.provenance.experiment import ExperimentOptions, previous_run, recorded_options, run_config
+    from foundation.errors import UserInputError
+
+    options = ExperimentOptions(output_dir=str(tmp_path))
+    now, config = recorded_options(options, []), run_config(options, tmp_path)
+    older_options = {k: v for k, v in now.items() if k != "explainers"}  # written before --explainers existed
+    older_config = json.loads(json.dumps(config))
+    del older_config["explain"]["explainers"]
+    manifest = {"options": older_options, "config": older_config, "phases_done": ["train"]}
+    (tmp_path / "run.json").write_text(json.dumps(manifest))
+    assert previous_run(tmp_path, now, config)["phases_done"] == ["train"]
+
+    older_config["explain"]["max_evals_cap"] = 256  # a default that changed: not the same computation
+    (tmp_path / "run.json").write_text(json.dumps({**manifest, "config": older_config}))
+    with pytest.raises(UserInputError, match=r"explain\.max_evals_cap changed in the project"):
+        previous_run(tmp_path, now, config)
+    (tmp_path / "run.json").write_text("{ half a file")
+    with pytest.raises(UserInputError, match="cannot be read"):
+        previous_run(tmp_path, now, config)

@@ -50,7 +50,14 @@ from analysis.explanation.shap_values import (
 from analysis.models import FINE_TUNED, K_SHOT, MODEL_ORDER, check_baselines, display_name, model_specs
 from analysis.report.explanations_page import explanations_html
 from analysis.report.plots import plot_deletion_curves, plot_top_tokens
-from analysis.settings import COMPARISON_TARGETS, FEATURES, TARGETS, CompareSettings, ExplainSettings
+from analysis.settings import (
+    COMPARISON_TARGETS,
+    EXPLAINERS,
+    FEATURES,
+    TARGETS,
+    CompareSettings,
+    ExplainSettings,
+)
 from analysis.statistics.explanations import PAIRED_EXAMPLE_STATISTICS, compare_models, model_statistics
 from analysis.statistics.fine_tuning_effect import MIN_STRATUM, STRATA_DEFINITION, fine_tuning_effect, strata_members
 from analysis.statistics.shapley import MAX_EXACT_FEATURES, all_coalitions, shapley_values
@@ -63,6 +70,7 @@ from foundation.output_names import (
     EXPLANATIONS_FILE,
     INTERPRETABILITY_FILE,
     PROGRESS_DIR,
+    explanation_file,
     shap_file,
     shap_summary_plot,
 )
@@ -105,6 +113,14 @@ class ExampleExplainer:
         self.settings, self.seed = settings, seed
         self.reference = reference_model(list(value_functions))
 
+    def _occlusion(self, text: str, n_features: int, full: Mapping) -> dict:
+        out = {}
+        for name, fn in self.value_functions.items():
+            start = time.perf_counter()
+            values = occlusion_values(text, n_features, full[name], self.masker, fn)
+            out[name] = {"values": values, "seconds": time.perf_counter() - start}
+        return out
+
     def explain(self, index: int, text: str, gold: int) -> dict:
         """The record of one (non-empty) tweet."""
         value_functions, seed = self.value_functions, self.seed
@@ -118,6 +134,7 @@ class ExampleExplainer:
         explained = explain_tweet(text, value_functions, self.masker, max_evals, seed=seed + index)
         seconds = time.perf_counter() - start
         n_tokens = len(explained["data"])
+        occlusion = self._occlusion(text, n_tokens, full) if "occlusion" in self.settings.explainers else {}
         models = {}
         for k, (name, fn) in enumerate(value_functions.items()):
             values, base = explained["models"][name]["values"], explained["models"][name]["base_values"]
@@ -148,12 +165,14 @@ class ExampleExplainer:
                 "shared_credit_fraction": float(explained["models"][name]["shared_credit_fraction"][t]),
                 "faithfulness": faithfulness[t],
                 "comparison_faithfulness": faithfulness[common],  # at the comparison target
+                **({"occlusion": occlusion[name]} if occlusion else {}),
             }
         return {
             "index": index,
             "text": text,
             "gold": gold,
             "comparison_target": common,
+            **({"occlusion_evals": n_tokens + 1} if occlusion else {}),
             "n_tokens": n_tokens,
             "data": explained["data"],
             "feature_names": explained["feature_names"],
@@ -170,6 +189,14 @@ class ExampleExplainer:
 
 
 # ---- statistics -------------------------------------------------------------------------------------------------
+def occlusion_values(text: str, n_features: int, full: np.ndarray, masker: TweetMasker, fn) -> np.ndarray:
+    """Leave-one-out attributions, (features, classes): f(x) - f(x with feature i deleted), masked exactly as the
+    partition explainer masks (`mask_tweet`), scored by the same value function in one batch."""
+    keep = ~np.eye(n_features, dtype=bool)
+    without = fn([mask_tweet(masker, text, row) for row in keep])
+    return np.asarray(full, dtype=float)[None, :] - np.asarray(without, dtype=float)
+
+
 def reference_model(models: list[str]) -> str:
     """The model every other is compared with: the fine-tuned one, or (without an adapter) the first baseline."""
     return FINE_TUNED if FINE_TUNED in models else models[0]
@@ -412,6 +439,16 @@ def check_explain_options(explain: ExplainSettings, compare: CompareSettings, wi
     ):
         if value not in choices:
             raise UserInputError(f"{flag} must be one of {', '.join(choices)}, got {value!r}.")
+    unknown = [name for name in explain.explainers if name not in EXPLAINERS]
+    if unknown:
+        raise UserInputError(
+            f"Unknown explainer {', '.join(map(repr, unknown))} in --explainers; choose from {', '.join(EXPLAINERS)}."
+        )
+    if "partition" not in explain.explainers:
+        raise UserInputError(
+            "--explainers must include partition: the statistics and the report read its values; add it, e.g. "
+            "--explainers partition occlusion."
+        )
     return check_baselines(explain.baselines, compare.k_shot, with_adapter)
 
 
@@ -646,6 +683,7 @@ def run_settings(run: LoadedRun, plan: ExplanationPlan, specs: Mapping, prompt: 
         "masking": f"masked tweet {settings.features} are deleted; the base value is the empty tweet",
         "masks_per_round": MASKS_PER_ROUND,
         "explainer": f"shap {shap.__version__} Partition explainer, Text masker over the tweet {settings.features}",
+        "explainers": list(dict.fromkeys(settings.explainers)),
     }
     if K_SHOT in specs:
         recorded["k_shot"] = run.compare.k_shot
@@ -679,6 +717,10 @@ def write_outputs(
                 folder / shap_summary_plot(model),
             )
         )
+        for explainer in settings["explainers"]:
+            if explainer != "partition":
+                content = other_explainer_content(explainer, model, records, label_names, settings)
+                files.append(write_json_atomic(folder / explanation_file(model, explainer), content))
     faithfulness = {names[m]: metrics["faithfulness"][m] for m in models}
     files.append(plot_deletion_curves(faithfulness, folder / DELETION_PLOT))
     title = " vs ".join(names.values()).capitalize() + f": SHAP of the tweet {settings['features']}"
@@ -686,9 +728,28 @@ def write_outputs(
     files.append(write_text_atomic(folder / EXPLANATIONS_FILE, page))
     files.append(write_json_atomic(folder / INTERPRETABILITY_FILE, metrics))
     removed = []
-    for model in (m for m in MODEL_ORDER if m not in models):  # never mix two runs' models in one folder
-        for path in (folder / shap_file(model), folder / shap_summary_plot(model)):
+    for model in MODEL_ORDER:  # never mix two runs' models (or explainers) in one folder
+        stale = [] if model in models else [shap_file(model), shap_summary_plot(model)]
+        stale += [
+            explanation_file(model, e) for e in EXPLAINERS if e not in settings["explainers"] or model not in models
+        ]
+        for path in (folder / name for name in stale):
             if path.is_file():
                 path.unlink()
                 removed.append(path)
     return files, removed
+
+
+def other_explainer_content(explainer: str, model: str, records: list[dict], label_names: list[str], settings: dict):
+    """`<model>_<explainer>.json`: the layout of `<model>_shap.json` (it loads with `load_explanation`), with that
+    explainer's values. Occlusion values are not additive: base_values hold f(x), the output each removal is
+    measured from."""
+    content = explanation_file_content(model, records, label_names, settings)
+    content["explainer"] = explainer
+    content["values"] = [record["models"][model][explainer]["values"] for record in records]
+    content["base_values"] = [record["models"][model]["probabilities"] for record in records]
+    content["meaning"] = "values[i][j][c] = p_c(tweet i) - p_c(tweet i without feature j); base_values = p(tweet i)"
+    content["evaluations"] = [record["occlusion_evals"] for record in records]
+    content["seconds"] = [record["models"][model][explainer]["seconds"] for record in records]
+    content.pop("additivity_error")
+    return content

@@ -113,6 +113,8 @@ class ExperimentOptions:
     """Model evaluations per tweet and model: auto (exact values, up to --explain.max_evals_cap) or a number."""
     features: str = ExplainSettings.features
     """SHAP features: words (default) or tokens."""
+    explainers: list[str] = field(default_factory=lambda: ExplainSettings().explainers)
+    """Attribution methods: partition (always) and occlusion (leave-one-out), as for analyze.py."""
     comparison_target: str = ExplainSettings.comparison_target
     """The one class per tweet every comparison of two models reads: gold or reference (the fine-tuned prediction)."""
     load_in_4bit: bool = _BASE["model"]["load_in_4bit"]
@@ -187,6 +189,7 @@ def run_config(options: ExperimentOptions, output_dir: Path) -> dict:
             max_evals=options.shap_max_evals,
             features=options.features,
             comparison_target=options.comparison_target,
+            explainers=list(options.explainers),
         )
     )
     return config
@@ -356,16 +359,20 @@ def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentRe
         log(f"== resuming the run in {folder}: {', '.join(done) if done else 'no phase'} finished before ==")
 
     run = ExperimentRun(options, folder, config, secrets, started, previous)
+
+    def announce(title: str, phase: str) -> None:
+        log(f"== {title}{' (finished before: kept)' if run.done(phase) else ''} ==")
+
     try:
         if options.finetune:
-            log("== fine-tuning a LoRA adapter (scripts/train.py fit) ==")
+            announce("fine-tuning a LoRA adapter (scripts/train.py fit)", "train")
             run.train()
         evaluated = [display_name(m, options.k_shot) for m in options.baselines]
         evaluated += ["fine-tuned"] if options.finetune else []
-        log(f"== evaluating: {', '.join(evaluated)} ==")
+        announce(f"evaluating: {', '.join(evaluated)}", "evaluate")
         run.evaluate()
         if options.run_shap:
-            log("== explaining with SHAP ==")
+            announce("explaining with SHAP", "explain")
             run.explain()
         return run.finish(badge_folder)
     except BaseException as error:
@@ -422,13 +429,16 @@ def previous_run(folder: Path, options: dict, config: dict) -> dict | None:
             f"The output folder '{folder}' holds a {MANIFEST_FILE} that cannot be read ({error}); choose another "
             "--output-dir, or add --overwrite to start over there."
         ) from error
+    # An option or config key the earlier run did not have yet (an older version of the project) ran as its default.
+    defaults = recorded_options(ExperimentOptions(), [])
     differ = [
-        f"--{key.replace('_', '-')} {before.get(key)!r} there, {value!r} here"
+        f"--{key.replace('_', '-')} {before.get(key, defaults.get(key))!r} there, {value!r} here"
         for key, value in options.items()
-        if key not in _NOT_COMPARED and before.get(key) != value
+        if key not in _NOT_COMPARED and before.get(key, defaults.get(key)) != value
     ]
-    if not differ and manifest.get("config") != without_secrets(config, []):
-        differ = ["the configuration these options give (the project's defaults changed since that run)"]
+    changed = _changed_keys(manifest.get("config") or {}, without_secrets(config, []))
+    if not differ and changed:
+        differ = [f"the configuration these options give ({', '.join(changed)} changed in the project since that run)"]
     if differ:
         raise UserInputError(
             f"The output folder '{folder}' holds a run with other options ({'; '.join(differ)}); rerun with its "
@@ -437,6 +447,19 @@ def previous_run(folder: Path, options: dict, config: dict) -> dict | None:
     manifest.setdefault("phases_done", [])
     manifest.setdefault("summaries", {})
     return manifest
+
+
+def _changed_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys present in both configurations whose values differ (keys only one of them has are new options,
+    which ran as their default)."""
+    changed = []
+    for key in before.keys() & now.keys():
+        a, b = before[key], now[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(prefix + key)
+    return sorted(changed)
 
 
 def remove_previous_run(folder: Path) -> None:
