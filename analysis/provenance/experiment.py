@@ -529,6 +529,7 @@ class ExperimentRun:
             "outputs": [],
         }
         self.produced = [CONFIG_FILE, MANIFEST_FILE]
+        self.resuming = previous is not None
         self.earlier_seconds: dict[str, float] = {}
         if previous is not None:
             for key in ("lightning_config", "data", "phases_done", "summaries", "attempts"):
@@ -578,8 +579,9 @@ class ExperimentRun:
         """`scripts/train.py fit` on one configuration; after a kill, from its last checkpoint (the next batch)."""
         from analysis.configuration import fit
 
+        # Only this run's own checkpoint (run.json says the folder holds it): never one another command left there.
         checkpoint = config_path.parent / CHECKPOINT_DIR / "last.ckpt"
-        return fit(config_path, ckpt_path="last" if checkpoint.is_file() else None)
+        return fit(config_path, ckpt_path="last" if self.resuming and checkpoint.is_file() else None)
 
     def train(self) -> Path:
         for k, config_path in enumerate(self.seed_configs, start=1):
