@@ -66,6 +66,7 @@ class SentimentCLI(LightningCLI):
         # one sentence before that (this is Lightning's own hook for it, private but the one place it happens).
         subcommand = self.config.get("subcommand")
         saved = _read_checkpoint_file(self.config[subcommand].get("ckpt_path")) if subcommand else None
+        self._checkpoint = saved  # kept for before_fit: read once, not again
         if saved is not None:
             trained_on = (saved.get("hyper_parameters") or {}).get("model_name")
             named = self.config[subcommand].model.model_name
@@ -78,7 +79,8 @@ class SentimentCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """A checkpoint to resume from must have been trained on these labels: found before the fit starts."""
-        saved = _read_checkpoint_file(self.config.fit.get("ckpt_path"))
+        # Read in _parse_ckpt_path; read here only if Lightning no longer calls that hook.
+        saved = getattr(self, "_checkpoint", None) or _read_checkpoint_file(self.config.fit.get("ckpt_path"))
         labels = saved.get("label_names") if saved is not None else None
         if labels and list(labels) != list(self.datamodule.label_names):
             raise UserInputError(

@@ -46,8 +46,6 @@ def _load_local_file(path: Path, seed: int):
     if fmt is None:
         raise UserInputError(f"Unsupported data file '{path}'; use one of {', '.join(LOCAL_FORMATS)}.")
     table = _read_files(fmt, {"train": str(path)}, path)["train"]
-    if len(table) == 0:
-        raise UserInputError(f"The data file '{path}' has no rows; add tweets below its header (text,label).")
     # One file holds every row: split it like the embedded corpus (seeded, stratified when labels allow).
     column = "label" if "label" in table.column_names else None
     labels = np.array([str(v) for v in table[column]]) if column else np.zeros(len(table), dtype=int)
@@ -76,23 +74,25 @@ def _read_files(fmt: str, files: dict[str, str], where: Path):
     for file in files.values():
         if Path(file).stat().st_size == 0:
             raise UserInputError(f"The data file '{file}' is empty; it needs a header row (text,label) and tweets.")
+    no_rows = f"The data in '{where}' has no rows; add tweets below its header (text,label)."
     try:
-        return datasets.load_dataset(fmt, data_files=files)
+        splits = datasets.load_dataset(fmt, data_files=files)
     except Exception as error:  # pandas / pyarrow / json errors, wrapped by datasets in DatasetGenerationError
         cause = error
         while cause.__cause__ is not None:
             cause = cause.__cause__
         reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        if "corresponds to no data" in reason:  # a header and no rows
-            raise UserInputError(
-                f"The data in '{where}' has no rows; add tweets below its header (text,label)."
-            ) from error
+        if "corresponds to no data" in reason:  # a CSV header and no rows
+            raise UserInputError(no_rows) from error
         if isinstance(cause, UnicodeDecodeError):
             reason = f"not UTF-8: {reason}"
         raise UserInputError(
             f"Could not read the data in '{where}' as {fmt} ({reason}); save it as UTF-8 {fmt} with a header row, "
             "and check its quotes are balanced."
         ) from error
+    if any(len(split) == 0 for split in splits.values()):  # e.g. a Parquet or JSON file with no records
+        raise UserInputError(no_rows)
+    return splits
 
 
 def require_split(splits, name: str, flag: str, dataset_name: str):

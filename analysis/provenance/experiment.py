@@ -583,14 +583,19 @@ class ExperimentRun:
         checkpoint = config_path.parent / CHECKPOINT_DIR / "last.ckpt"
         return fit(config_path, ckpt_path="last" if self.resuming and checkpoint.is_file() else None)
 
+    def _seed_phase(self, phase: str, work: Callable[[], object]) -> None:
+        """One further seed's fit, evaluation or explanation, unless it finished before: timed, its memory released,
+        recorded in run.json (the seed's files are in its own folder; what `work` returns is dropped)."""
+        if self.done(phase):
+            return
+        with self.timer.phase(phase):
+            work()
+        _release_memory()
+        self.finished(phase)
+
     def train(self) -> Path:
         for k, config_path in enumerate(self.seed_configs, start=1):
-            if self.done(f"train_seed_{k}"):
-                continue
-            with self.timer.phase(f"train_seed_{k}"):
-                self._fit(config_path)  # its adapter is in the seed's folder; the finished CLI is dropped here
-            _release_memory()
-            self.finished(f"train_seed_{k}")
+            self._seed_phase(f"train_seed_{k}", lambda path=config_path: self._fit(path))
         if not self.done("train"):
             with self.timer.phase("train"):
                 cli = self._fit(self.config_path)
@@ -622,11 +627,8 @@ class ExperimentRun:
             return
         per_seed = [self._metrics(self.folder)]
         for k, config_path in enumerate(self.seed_configs, start=1):
-            if not self.done(f"evaluate_seed_{k}"):
-                with self.timer.phase(f"evaluate_seed_{k}"):
-                    evaluate(load_run(["--config", str(config_path)], check_evaluation))
-                _release_memory()
-                self.finished(f"evaluate_seed_{k}")
+            seed_run = ["--config", str(config_path)]
+            self._seed_phase(f"evaluate_seed_{k}", lambda args=seed_run: evaluate(load_run(args, check_evaluation)))
             per_seed.append(self._metrics(config_path.parent))
         summary = seed_metric_summary(per_seed, self.manifest["seeds"]["training_seeds"])
         write_json_atomic(self.folder / SEED_METRICS_FILE, summary)
@@ -657,11 +659,11 @@ class ExperimentRun:
         models = self.manifest.get("explained_models", [])
         if self.seed_configs and FINE_TUNED in models and not self.done("seed_null"):
             for k, config_path in enumerate(self.seed_configs, start=1):
-                if not self.done(f"explain_seed_{k}"):
-                    with self.timer.phase(f"explain_seed_{k}"):
-                        run_analysis(load_run(["--config", str(config_path)], check_explanation), _to_stderr)
-                    _release_memory()
-                    self.finished(f"explain_seed_{k}")
+                seed_run = ["--config", str(config_path)]
+                self._seed_phase(
+                    f"explain_seed_{k}",
+                    lambda args=seed_run: run_analysis(load_run(args, check_explanation), _to_stderr),
+                )
             metrics = json.loads((self.folder / INTERPRETABILITY_FILE).read_text(encoding="utf-8"))
             baseline = next(model for model in models if model != FINE_TUNED)
             seed_folders = [path.parent for path in self.seed_configs]
