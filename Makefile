@@ -42,8 +42,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Fit, evaluation and SHAP, ours vs the original recipe, fp32 and bf16, one combined table (docs/benchmarks.md).
+# Fit, evaluation and SHAP, ours vs the original recipe, fp32 and bf16, one combined table; then every explainer over
+# the cached value function vs an uncached reference (docs/benchmarks.md).
 # Smaller, e.g.: make bench BENCH_SIZES="--fit-batches 3 --eval-examples 32 --gate-examples 64 --shap-examples 1"
 BENCH_SIZES ?=
 bench: install
 	$(PY) bench/bench_all.py $(BENCH_SIZES)
+	$(PY) bench/bench_explainers.py

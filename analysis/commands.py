@@ -1,4 +1,4 @@
-"""The commands behind `scripts/evaluate.py`, `scripts/analyze.py` (and `python -m analysis`) and
+"""The commands behind `scripts/evaluate.py`, `scripts/analyze.py` (and `python -m analysis`), `scripts/roar.py` and
 `scripts/run_experiment.py`: parse the one configuration, run, exit with a clear message.
 
 evaluate and analyze accept `--config FILE` (any config of this project: a training config, or the `config.yaml` a
@@ -39,6 +39,21 @@ ANALYZE_ALIASES = {
     "--comparison-target": Alias("--explain.comparison_target"),
     "--features": Alias("--explain.features"),
     "--explainers": Alias("--explain.explainers", "list"),
+    "--num-shards": Alias("--explain.num_shards"),
+    "--shard-index": Alias("--explain.shard_index"),
+}
+
+
+ROAR_ALIASES = {
+    **_COMPARE,
+    "--output-dir": Alias("--roar.output_dir"),
+    "--explainer": Alias("--roar.explainers", "list"),
+    "--explainers": Alias("--roar.explainers", "list"),
+    "--fractions": Alias("--roar.fractions", "list"),
+    "--train-subset": Alias("--data.train_subset", "subset"),
+    "--eval-subset": Alias("--data.eval_subset", "subset"),
+    "--target": Alias("--explain.target"),
+    "--features": Alias("--explain.features"),
     "--num-shards": Alias("--explain.num_shards"),
     "--shard-index": Alias("--explain.shard_index"),
 }
@@ -101,3 +116,16 @@ def experiment_main(argv: Sequence[str] | None = None) -> int:
 
     arguments = sys.argv[1:] if argv is None else argv
     return run_reporting_user_errors(lambda: run_experiment(parse_experiment_options(arguments)).summary)
+
+
+def roar_main(argv: Sequence[str] | None = None) -> int:
+    """ROAR: remove each tweet's top words by an explainer (and as many at random), retrain LoRA, measure the drop."""
+    from analysis.roar.run import check_roar, run_roar
+
+    arguments = translate_aliases(sys.argv[1:] if argv is None else argv, ROAR_ALIASES)
+
+    def work() -> list[str]:
+        result = run_roar(load_run(arguments, check_roar, ROAR_ALIASES))
+        return result.summary if result.complete else result.notes[-1:]
+
+    return run_reporting_user_errors(work)

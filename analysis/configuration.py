@@ -1,11 +1,11 @@
 """The one configuration system: LightningCLI (jsonargparse) over the classifier, the data and the analysis settings.
 
 Every command parses the same configuration, so one YAML file serves them all (`--config`, `--print_config`):
-Lightning's `seed_everything`, `trainer`, `model` and `data`, and the `compare`, `evaluate` and `explain` sections of
-`analysis.settings`. `scripts/train.py` runs Lightning's subcommands on it; `scripts/evaluate.py` and
-`scripts/analyze.py` build the model and the data from it without a Trainer (`load_run`). The dashed flags the
-README documents (`--output-dir`, `--eval-subset`, `--shap-max-evals`, ...) are aliases of the dotted options,
-translated before parsing (`translate_aliases`).
+Lightning's `seed_everything`, `trainer`, `model` and `data`, and the `compare`, `evaluate`, `explain` and `roar`
+sections of `analysis.settings`. `scripts/train.py` runs Lightning's subcommands on it; `scripts/evaluate.py`,
+`scripts/analyze.py` and `scripts/roar.py` build the model and the data from it without a Trainer (`load_run`). The
+dashed flags the README documents (`--output-dir`, `--eval-subset`, `--shap-max-evals`, ...) are aliases of the
+dotted options, translated before parsing (`translate_aliases`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from analysis.settings import CompareSettings, EvaluateSettings, ExplainSettings
+from analysis.settings import CompareSettings, EvaluateSettings, ExplainSettings, RoarSettings
 from datamodules import TweetSentimentDataModule
 from datamodules.tweet_sentiment import DEFAULT_SEED
 from foundation.errors import UserInputError
@@ -29,7 +30,12 @@ from foundation.output_folder import check_output_dir
 from foundation.output_names import CHECKPOINT_DIR
 from lightning_modules import LoRASentimentClassifier
 
-SECTIONS = {"compare": CompareSettings, "evaluate": EvaluateSettings, "explain": ExplainSettings}
+SECTIONS = {
+    "compare": CompareSettings,
+    "evaluate": EvaluateSettings,
+    "explain": ExplainSettings,
+    "roar": RoarSettings,
+}
 
 
 class SentimentCLI(LightningCLI):
@@ -188,16 +194,19 @@ def fit(config_path: str | Path, ckpt_path: str | None = None) -> LightningCLI:
 # ---- evaluation and analysis: the model and the data, no Trainer -------------------------------------------------
 @dataclass
 class LoadedRun:
-    """What `scripts/evaluate.py` and `scripts/analyze.py` work on: the data, the (untrained) module, the settings."""
+    """What `scripts/evaluate.py`, `scripts/analyze.py` and `scripts/roar.py` work on: the data, the (untrained)
+    module, the settings."""
 
     datamodule: TweetSentimentDataModule
     module: LoRASentimentClassifier
     compare: CompareSettings
     evaluate: EvaluateSettings
     explain: ExplainSettings
+    roar: RoarSettings
     trainer: Mapping  # the config's trainer section (accelerator, progress bar)
     config_path: Path | None
     arguments: list[str]  # the command line after `--config FILE`, with aliases translated
+    resolved: dict  # the whole configuration with every option resolved, as `--print_config` shows it (no token)
 
 
 class _ModelAndDataCLI(SentimentCLI):
@@ -258,6 +267,7 @@ def load_run(
         trainer=dict(cli.config.trainer),
         config_path=config_path,
         arguments=rest,
+        resolved=yaml.safe_load(cli.parser.dump(cli.config)),
         **settings,
     )
 

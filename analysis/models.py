@@ -140,3 +140,22 @@ def model_specs(module, datamodule, models, k: int = DEFAULT_K) -> dict[str, Mod
         else:
             specs[name] = ModelSpec(name, datamodule.encoder, use_adapter=True)
     return specs
+
+
+def to_device(module) -> None:
+    """On a GPU, move a full-precision backbone there (4-bit weights are placed on their device when loaded)."""
+    import torch
+
+    if torch.cuda.is_available() and not module.quantized:
+        module.to(f"cuda:{torch.cuda.current_device()}")
+
+
+def release_memory() -> None:
+    """Free what a finished fit or model left behind before the next one loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -20,7 +20,16 @@ TENSORBOARD_DIR = "tensorboard"
 INTERPRETABILITY_FILE = "interpretability_metrics.json"
 DELETION_PLOT = "deletion_curves.png"
 EXPLANATIONS_FILE = "explanations.html"
+AGREEMENT_PLOT = "explainer_agreement.png"  # per model: mean Spearman between every two explainers
+XAI_PROPERTIES_FILE = "xai_properties.json"  # per model and explainer: selectivity, fidelity, stability, ...
 PROGRESS_DIR = ".progress"  # one JSON per finished example, for resuming
+
+# remove and retrain (scripts/roar.py)
+ROAR_METRICS_FILE = "roar_metrics.json"  # accuracy and macro-F1 of every condition (the original project's names)
+ROAR_RESULTS_FILE = "roar_analysis_results.json"  # per explainer and share: vs random removal, vs none; per tweet
+ROAR_COMPARISON_PLOT = "roar_comparison.png"
+ROAR_DATA_DIR = "roar_data"  # roar_data/<condition>/{train,test}.jsonl: the rows each condition retrains on
+ROAR_RUNS_DIR = "roar_runs"  # roar_runs/<condition>/: its config, fit (adapter, TensorBoard log) and result.json
 
 # the one-command run (scripts/run_experiment.py)
 CONFIG_FILE = "config.yaml"

@@ -75,6 +75,26 @@ def _head_logits(causal_lm, hidden: torch.Tensor, token_ids: torch.Tensor | None
     return head(hidden).index_select(-1, token_ids)
 
 
+def input_embeddings(model, input_ids: Sequence[int]) -> torch.Tensor:
+    """The embedding rows of `input_ids`, (1, len, hidden): what a gradient explainer perturbs."""
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=_device_of(model))
+    return _causal_lm(model).get_input_embeddings()(ids)
+
+
+def label_logits_from_embeddings(
+    model, continuation_embeddings: torch.Tensor, label_token_ids: Sequence[int], prefix_cache: PrefixCache | None
+) -> torch.Tensor:
+    """Label-token logits at the last position of `prefix + continuation` for a batch of continuation embeddings
+    (batch, len, hidden), differentiable in them: the same decoder and head as every other path here, with the
+    prefix's key/value states from `prefix_cache` (computed once, no gradient needed there)."""
+    causal_lm = _causal_lm(model)
+    decoder = causal_lm.get_decoder()
+    past = prefix_cache.for_batch(continuation_embeddings.shape[0]) if prefix_cache else None
+    outputs = decoder(inputs_embeds=continuation_embeddings, **_cache_kwargs(decoder, past))
+    label_ids = torch.tensor(list(label_token_ids), dtype=torch.long, device=continuation_embeddings.device)
+    return _head_logits(causal_lm, outputs.last_hidden_state[:, -1], label_ids)
+
+
 @dataclass
 class LabelScores:
     """Per-example scores at the label position; arrays in the order the prompts were given."""

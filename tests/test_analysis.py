@@ -606,27 +606,3 @@ def test_embedded_model_end_to_end(tmp_path):
             assert explanation[i].values.shape == (len(text.split()), 3)  # words, the default features
     assert result.metrics["budget"]["counts"]["coarse"] == 2  # 8 evaluations cannot split a 30-token tweet
     assert (tmp_path / "out" / EXPLANATIONS_FILE).is_file()
-
-
-def test_occlusion_is_leave_one_out_by_plain_forwards(trained, tmp_path, base_model):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "occlusion"
-    analyze(trained, out, example_count=3, explainers=["partition", "occlusion"])
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained["model"]), trained["adapter"]).eval()
-    encoder = PromptEncoder(build_tiny_tokenizer(), LABELS)
-    for model_name, model in ((ZERO_SHOT, base_model), (FINE_TUNED, tuned)):
-        content = json.loads((out / f"{model_name}_occlusion.json").read_text())
-        assert content["explainer"] == "occlusion" and len(content["values"]) == 3
-        explanation = load_explanation(out / f"{model_name}_occlusion.json")  # the SHAP file's layout
-        for i, text in enumerate(content["texts"]):
-            words = text.split()  # word features: the whitespace units of the tweet
-            full = plain_forward(model, encoder, [" ".join(words)])[0]
-            without = plain_forward(model, encoder, [" ".join(words[:j] + words[j + 1 :]) for j in range(len(words))])
-            np.testing.assert_allclose(explanation.values[i], full[None, :] - without, atol=1e-5)
-            np.testing.assert_allclose(content["base_values"][i], full, atol=1e-5)
-            assert content["evaluations"][i] == len(words) + 1
-    # Asked for without occlusion, the folder keeps no occlusion file of an earlier run.
-    analyze(trained, out, example_count=3)
-    assert not list(out.glob("*_occlusion.json"))

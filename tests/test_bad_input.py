@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Case:
     name: str
-    command: str  # experiment | train | evaluate | analyze
+    command: str  # experiment | train | evaluate | analyze | roar
     arguments: tuple[str, ...]  # with {out}, {data}, {model}, {files}, {config}, {adapter}, {ckpt} placeholders
     message: str  # a fragment of the one error line
 
@@ -59,6 +59,7 @@ def write_broken_files(folder: Path) -> None:
 E = "experiment"
 TINY = ("--model-name", "{model}", "--dataset-name", "{data}", "--no-load-in-4bit", "--output-dir", "{out}")
 FT = (*TINY, "--finetune")
+ROAR = ("--config", "{config}", "--output-dir", "{out}")
 CASES = [
     # the one command: what the data must be
     Case("unknown embedded model", E, (*FT, "--model-name", "embedded:nope"), "Unknown embedded model"),
@@ -173,6 +174,13 @@ CASES = [
         ("--config", "{config}", "--output-dir", "{out}", "--num-shards", "2", "--shard-index", "2"),
         "shard",
     ),
+    # scripts/roar.py
+    Case("roar: random is the control", "roar", (*ROAR, "--explainer", "random"), "--explainer random is the control"),
+    Case("roar: unknown explainer", "roar", (*ROAR, "--explainer", "shapley"), "Unknown explainer 'shapley'"),
+    Case("roar: share of all words", "roar", (*ROAR, "--fractions", "0.5", "1.0"), "strictly between 0 and 1"),
+    Case("roar: one share twice", "roar", (*ROAR, "--fractions", "0.3", "0.30"), "names one percentage twice"),
+    Case("roar: token features", "roar", (*ROAR, "--features", "tokens"), "ROAR removes words"),
+    Case("roar: no output folder", "roar", ("--config", "{config}"), "pass --output-dir"),
 ]
 
 
@@ -198,12 +206,16 @@ def places(tmp_path_factory, trained) -> dict[str, str]:
 
 
 def entry_point(command: str):
-    from analysis.commands import analyze_main, evaluate_main, experiment_main
+    from analysis.commands import analyze_main, evaluate_main, experiment_main, roar_main
     from analysis.configuration import run_cli
 
-    return {"experiment": experiment_main, "train": run_cli, "evaluate": evaluate_main, "analyze": analyze_main}[
-        command
-    ]
+    return {
+        "experiment": experiment_main,
+        "train": run_cli,
+        "evaluate": evaluate_main,
+        "analyze": analyze_main,
+        "roar": roar_main,
+    }[command]
 
 
 def folder_state(folder: Path) -> dict[str, bytes] | None:

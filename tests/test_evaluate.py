@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import save_tiny_llama, synthetic_rows, write_csv, write_tiny_config
+from tests.tiny import save_tiny_llama, synthetic_rows, tensorboard_events, write_csv, write_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"
@@ -259,6 +259,10 @@ def test_headline_metrics_are_in_tensorboard(user_run):
     pair = user_run["comparison.json"]["comparisons"]["fine_tuned_vs_k_shot"]
     (difference,) = events.Scalars("fine_tuned_vs_k_shot/accuracy_difference")
     assert difference.value == pytest.approx(pair["differences"]["accuracy"]["difference"])
+    images = tensorboard_events(user_run["folder"] / "tensorboard").Tags()["images"]
+    assert {"evaluation/confusion_matrices", "evaluation/metrics_comparison", "evaluation/reliability_diagram"} <= set(
+        images
+    )
 
 
 @pytest.mark.slow

@@ -466,3 +466,41 @@ def test_seed_null_verdicts_follow_the_test():
     flipped = {**test, "across_mean": 0.71, "null_mean": 0.12, "mean_difference": -0.59, "ci_low": -0.8}
     flipped["ci_high"] = -0.4
     assert verdict("Spearman", {**flipped, "wilcoxon_p": 0.001}).startswith("zero-shot vs fine-tuned agree more")
+
+
+# ---- XAI properties, each against a hand computation ------------------------------------------------------------
+def test_xai_properties_by_hand():
+    from analysis.statistics import xai_properties as props
+
+    assert props.selectivity(np.array([0.0, 0.0, 3.0])) == pytest.approx(2 / 3)  # all on one of 3 features
+    assert props.compactness(np.array([4.0, -3.0, 2.0, 1.0])) == 0.75  # 4 + 3 + 2 = 9 >= 0.8 x 10
+    assert props.compactness(np.ones(4)) == 1.0  # 3 of 4 hold 75 % < 80 %
+    assert props.compactness(np.zeros(3)) is None
+    assert props.contrastivity(np.array([1.0, 0.0]), np.array([0.0, 1.0])) == pytest.approx(0.5)
+    assert props.contrastivity(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == pytest.approx(0.0)
+    assert props.contrastivity(np.array([1.0, 2.0]), np.array([-1.0, -2.0])) == pytest.approx(1.0)
+    assert props.target_sensitivity(np.array([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(1.0)
+    # classes a = b = (1, 1), c = (2, 0): JS(a, c) = 1/2 KL(p||m) + 1/2 KL(q||m), m = (3/4, 1/4), in bits
+    js = 0.5 * (0.5 * np.log2(0.5 / 0.75) + 0.5 * np.log2(0.5 / 0.25)) + 0.5 * np.log2(1 / 0.75)
+    values = np.array([[1.0, 1.0, 2.0], [1.0, 1.0, 0.0]])
+    assert props.target_sensitivity(values) == pytest.approx((0 + 2 * js) / 3)
+    assert props.monotonicity([0.1, 0.05, 0.2], [1, 2, 3]) == pytest.approx(2 / 3)  # one of three steps reverses
+    assert props.monotonicity([0.1, 0.1, 0.3], [1, 1, 2]) == 1.0  # a repeated k is no step
+    assert props.rank_agreement(np.array([0.3, 0.1, 0.2]), np.array([0.3, 0.1, 0.2])) == 1.0
+    assert props.rank_agreement(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    assert props.rank_agreement(np.array([1.0, 2.0]), np.array([2.0, 1.0])) is None  # two points: undefined
+    summary = props.summarize([0.2, None, 0.4], n_resamples=50, seed=0)
+    assert summary["mean"] == pytest.approx(0.3) and summary["n"] == 2 and summary["n_undefined"] == 1
+
+
+def test_explainer_agreement_by_hand():
+    from analysis.statistics.xai_properties import explainer_agreement
+
+    a = [np.array([0.5, 0.1, -0.2, 0.0]), np.array([1.0, 2.0, 3.0])]
+    reversed_ = [np.array([0.0, -0.2, 0.1, 0.5]), np.array([3.0, 2.0, 1.0])]
+    result = explainer_agreement({"x": a, "y": a, "z": reversed_}, n_resamples=50)
+    assert set(result) == {"x_vs_y", "x_vs_z", "y_vs_z"}
+    assert result["x_vs_y"]["spearman"]["mean"] == pytest.approx(1.0)
+    assert result["x_vs_y"]["top5_overlap"]["mean"] == pytest.approx(1.0)
+    # tweet 1: ranks (4, 3, 1, 2) vs (2, 1, 3, 4): rho = 1 - 6 x 16 / 60 = -0.6; tweet 2: -1
+    assert result["x_vs_z"]["spearman"]["mean"] == pytest.approx((-0.6 - 1.0) / 2)

@@ -129,3 +129,12 @@ def analysis_test_rows() -> list[tuple[str, str]]:
     rows[0] = ('<b>love</b> & "great" so', "positive")
     rows.insert(2, ("   ", "neutral"))
     return rows
+
+
+def tensorboard_events(folder: Path):
+    """Every scalar, image and text a command wrote into a TensorBoard folder, as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    events.Reload()
+    return events

@@ -27,6 +27,7 @@ from analysis.models import (
     model_specs,
 )
 from analysis.report.plots import plot_confusion_matrices, plot_metric_comparison, plot_reliability
+from analysis.report.tensorboard import write_tensorboard
 from analysis.statistics.classification import classification_metrics, compare_predictions, holm_adjust
 from foundation.atomic_files import write_json_atomic, write_jsonl_atomic
 from foundation.output_folder import check_output_dir, require_output_dir
@@ -217,21 +218,26 @@ def source_record(spec: ModelSpec, run: LoadedRun, adapter: Path | None, adapter
     }
 
 
-def log_to_tensorboard(folder: Path, metrics: dict[str, dict], comparison: dict | None) -> None:
-    from torch.utils.tensorboard import SummaryWriter
+def log_to_tensorboard(folder: Path, metrics: dict[str, dict], comparison: dict | None, figures: list[Path]) -> None:
+    """Every model's headline metrics, each comparison's differences, the figures and the metrics table."""
+    from analysis.report.tables import comparison_lines, metrics_table
 
-    writer = SummaryWriter(str(folder))
-    try:
-        for model, values in metrics.items():
-            for name in TENSORBOARD_METRICS:
-                if values.get(name) is not None:
-                    writer.add_scalar(f"{model}/{name}", values[name], 0)
-        for pair, values in (comparison or {}).get("comparisons", {}).items():
-            for name, difference in values["differences"].items():
-                writer.add_scalar(f"{pair}/{name}_difference", difference["difference"], 0)
-            writer.add_scalar(f"{pair}/mcnemar_p_value", values["mcnemar"]["p_value"], 0)
-    finally:
-        writer.close()
+    scalars = {
+        f"{model}/{name}": values[name]
+        for model, values in metrics.items()
+        for name in TENSORBOARD_METRICS
+        if values.get(name) is not None
+    }
+    for pair, values in (comparison or {}).get("comparisons", {}).items():
+        for name, difference in values["differences"].items():
+            scalars[f"{pair}/{name}_difference"] = difference["difference"]
+        scalars[f"{pair}/mcnemar_p_value"] = values["mcnemar"]["p_value"]
+    write_tensorboard(
+        folder,
+        scalars,
+        {f"evaluation/{path.stem}": path for path in figures},
+        {"evaluation/metrics": metrics_table(metrics) + [""] + comparison_lines(comparison)},
+    )
 
 
 def show_in_notebook(paths: list[Path]) -> bool:
@@ -347,5 +353,5 @@ def write_reports(
         plot_reliability(y_true, {names[m]: s.probabilities for m, s in scores.items()}, folder / RELIABILITY_PLOT),
     ]
     result.files.extend(result.figures)
-    log_to_tensorboard(folder / TENSORBOARD_DIR, metrics, comparison)
+    log_to_tensorboard(folder / TENSORBOARD_DIR, metrics, comparison, result.figures)
     return result

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import shap
-import torch
 
 from analysis.explanation.faithfulness import (
     FRACTIONS,
@@ -31,7 +30,9 @@ from analysis.explanation.faithfulness import (
     example_faithfulness,
     summarize_model_faithfulness,
 )
+from analysis.explanation.methods import IDENTITY_SEED_OFFSET, AttributionMethods
 from analysis.explanation.progress import ProgressStore, ShardAssignment
+from analysis.explanation.properties import explainer_agreement, explainer_verdicts, method_values, xai_properties
 from analysis.explanation.shap_values import (
     BUDGET_NOTE,
     MASKS_PER_ROUND,
@@ -47,9 +48,19 @@ from analysis.explanation.shap_values import (
     normalize_tweet,
     tweet_masker,
 )
-from analysis.models import FINE_TUNED, K_SHOT, MODEL_ORDER, check_baselines, display_name, model_specs
+from analysis.models import (
+    FINE_TUNED,
+    K_SHOT,
+    MODEL_ORDER,
+    check_baselines,
+    display_name,
+    model_specs,
+    to_device,
+)
 from analysis.report.explanations_page import explanations_html
-from analysis.report.plots import plot_deletion_curves, plot_top_tokens
+from analysis.report.plots import plot_deletion_curves, plot_explainer_agreement, plot_top_tokens
+from analysis.report.tables import analysis_summary
+from analysis.report.tensorboard import write_tensorboard
 from analysis.settings import (
     COMPARISON_TARGETS,
     EXPLAINERS,
@@ -66,10 +77,13 @@ from foundation.atomic_files import write_json_atomic, write_text_atomic
 from foundation.errors import UserInputError
 from foundation.output_folder import check_output_dir, require_output_dir
 from foundation.output_names import (
+    AGREEMENT_PLOT,
     DELETION_PLOT,
     EXPLANATIONS_FILE,
     INTERPRETABILITY_FILE,
     PROGRESS_DIR,
+    TENSORBOARD_DIR,
+    XAI_PROPERTIES_FILE,
     explanation_file,
     shap_file,
     shap_summary_plot,
@@ -79,6 +93,7 @@ if TYPE_CHECKING:
     from analysis.configuration import LoadedRun
 
 ADDITIVITY_TOLERANCE = 1e-4
+BUDGETS = {"kernel_samples": "kernel", "lime_samples": "lime", "ig_steps": "integrated_gradients"}
 TOP_TOKENS = 20
 
 
@@ -106,19 +121,45 @@ def adapter_digest(module) -> str:
 
 # ---- one example --------------------------------------------------------------------------------------------------
 class ExampleExplainer:
-    """Explains one tweet with every model on the same coalitions: SHAP values, targets, additivity, faithfulness."""
+    """Explains one tweet with every model on the same coalitions: SHAP values, targets, additivity, faithfulness,
+    and every other explainer of the run (`AttributionMethods`), with the reruns stability and identity need."""
 
-    def __init__(self, masker: TweetMasker, value_functions: Mapping, settings: ExplainSettings, seed: int):
-        self.masker, self.value_functions = masker, value_functions
+    def __init__(self, methods: AttributionMethods, settings: ExplainSettings, seed: int):
+        self.methods, self.masker, self.value_functions = methods, methods.masker, methods.joint.value_functions
         self.settings, self.seed = settings, seed
-        self.reference = reference_model(list(value_functions))
+        self.explainers = list(dict.fromkeys(settings.explainers))
+        self.reference = reference_model(list(self.value_functions))
 
-    def _occlusion(self, text: str, n_features: int, full: Mapping) -> dict:
+    def _other_methods(self, text: str, index: int, targets: Mapping) -> tuple[dict, dict]:
+        """Per model, each other explainer's values and deletion curves; per explainer its cost."""
+        per_model: dict[str, dict] = {name: {} for name in self.value_functions}
+        cost = {}
+        for method in self.explainers:
+            if method == "partition":
+                continue
+            explained = self.methods.explain(method, text, self.seed + index)
+            at_target = {name: row["values"][:, targets[name]] for name, row in explained["models"].items()}
+            curves = self.methods.deletion_curves(text, at_target, targets)
+            for name, row in explained["models"].items():
+                per_model[name][method] = {**row, "deletion": curves[name]}
+            cost[method] = {"evaluations": explained["evaluations"], "seconds": explained["seconds"]}
+        return per_model, cost
+
+    def _reruns(self, text: str, index: int, values: Mapping[str, Mapping[str, np.ndarray]], targets: Mapping) -> dict:
+        """Per explainer: the tweet explained again with another seed (identity) and its edits explained (stability)."""
         out = {}
-        for name, fn in self.value_functions.items():
-            start = time.perf_counter()
-            values = occlusion_values(text, n_features, full[name], self.masker, fn)
-            out[name] = {"values": values, "seconds": time.perf_counter() - start}
+        for method in self.explainers:
+
+            def budget(tweet: str) -> int:
+                return tweet_budget(self.masker, tweet, self.settings)[0]
+
+            again = self.methods.explain(method, text, self.seed + index + IDENTITY_SEED_OFFSET, budget(text))
+            magnitude = sum(np.abs(values[name][method][:, targets[name]]) for name in self.value_functions)
+            edits = []
+            for edit in self.methods.edits(text, magnitude):
+                explained = self.methods.explain(method, edit["text"], self.seed + index, budget(edit["text"]))
+                edits.append({**edit, "models": {n: r["values"] for n, r in explained["models"].items()}})
+            out[method] = {"identity": {n: r["values"] for n, r in again["models"].items()}, "edits": edits}
         return out
 
     def explain(self, index: int, text: str, gold: int) -> dict:
@@ -134,7 +175,7 @@ class ExampleExplainer:
         explained = explain_tweet(text, value_functions, self.masker, max_evals, seed=seed + index)
         seconds = time.perf_counter() - start
         n_tokens = len(explained["data"])
-        occlusion = self._occlusion(text, n_tokens, full) if "occlusion" in self.settings.explainers else {}
+        others, cost = self._other_methods(text, index, targets)
         models = {}
         for k, (name, fn) in enumerate(value_functions.items()):
             values, base = explained["models"][name]["values"], explained["models"][name]["base_values"]
@@ -165,14 +206,13 @@ class ExampleExplainer:
                 "shared_credit_fraction": float(explained["models"][name]["shared_credit_fraction"][t]),
                 "faithfulness": faithfulness[t],
                 "comparison_faithfulness": faithfulness[common],  # at the comparison target
-                **({"occlusion": occlusion[name]} if occlusion else {}),
+                "explainers": others[name],
             }
-        return {
+        record = {
             "index": index,
             "text": text,
             "gold": gold,
             "comparison_target": common,
-            **({"occlusion_evals": n_tokens + 1} if occlusion else {}),
             "n_tokens": n_tokens,
             "data": explained["data"],
             "feature_names": explained["feature_names"],
@@ -184,19 +224,16 @@ class ExampleExplainer:
                 n_tokens, max_evals, explained["evals_used"], explained["evals_for_exact_owen"]
             ),
             "seconds": seconds,
+            "explainers": {"partition": {"evaluations": explained["evals_used"], "seconds": seconds}, **cost},
             "models": models,
         }
+        if self.settings.measure_stability:
+            values = {name: {m: method_values(record, name, m) for m in self.explainers} for name in models}
+            record["reruns"] = self._reruns(text, index, values, targets)
+        return record
 
 
 # ---- statistics -------------------------------------------------------------------------------------------------
-def occlusion_values(text: str, n_features: int, full: np.ndarray, masker: TweetMasker, fn) -> np.ndarray:
-    """Leave-one-out attributions, (features, classes): f(x) - f(x with feature i deleted), masked exactly as the
-    partition explainer masks (`mask_tweet`), scored by the same value function in one batch."""
-    keep = ~np.eye(n_features, dtype=bool)
-    without = fn([mask_tweet(masker, text, row) for row in keep])
-    return np.asarray(full, dtype=float)[None, :] - np.asarray(without, dtype=float)
-
-
 def reference_model(models: list[str]) -> str:
     """The model every other is compared with: the fine-tuned one, or (without an adapter) the first baseline."""
     return FINE_TUNED if FINE_TUNED in models else models[0]
@@ -359,6 +396,11 @@ def interpretability_metrics(
             "examples keep the time of the run that computed them",
         },
     }
+    explainers = settings["explainers"]
+    if len(explainers) > 1:
+        metrics["explainer_agreement"] = explainer_agreement(records, models, explainers, n_resamples, seed)
+        if pairs:
+            metrics["explainer_verdicts"] = explainer_verdicts(records, pairs, explainers, n_resamples, seed)
     if comparisons:
         metrics["comparison"] = next(iter(comparisons.values()))
         metrics["comparisons"] = comparisons
@@ -419,6 +461,17 @@ def check_explain_options(explain: ExplainSettings, compare: CompareSettings, wi
     """The explanation options on their own (no file system, no model); returns the baselines in canonical order."""
     if explain.example_count < 1:
         raise UserInputError(f"--shap-example-count must be at least 1, got {explain.example_count}.")
+    check_method_options(explain)
+    if "partition" not in explain.explainers:
+        raise UserInputError(
+            "--explainers must include partition: the statistics and the report read its values; add it, e.g. "
+            "--explainers partition occlusion."
+        )
+    return check_baselines(explain.baselines, compare.k_shot, with_adapter)
+
+
+def check_method_options(explain: ExplainSettings, explainers_flag: str = "--explainers") -> None:
+    """How every explainer runs (budgets, batch size, target, features, their names): analyze.py's and roar.py's."""
     budgets = {"--shap-max-evals": explain.max_evals, "--explain.max_evals_cap": explain.max_evals_cap}
     for flag, budget in budgets.items():
         if budget == "auto" and flag == "--shap-max-evals":
@@ -442,14 +495,16 @@ def check_explain_options(explain: ExplainSettings, compare: CompareSettings, wi
     unknown = [name for name in explain.explainers if name not in EXPLAINERS]
     if unknown:
         raise UserInputError(
-            f"Unknown explainer {', '.join(map(repr, unknown))} in --explainers; choose from {', '.join(EXPLAINERS)}."
+            f"Unknown explainer {', '.join(map(repr, unknown))} in {explainers_flag}; choose from "
+            f"{', '.join(EXPLAINERS)}."
         )
-    if "partition" not in explain.explainers:
-        raise UserInputError(
-            "--explainers must include partition: the statistics and the report read its values; add it, e.g. "
-            "--explainers partition occlusion."
-        )
-    return check_baselines(explain.baselines, compare.k_shot, with_adapter)
+    for flag, value, least in (
+        ("--explain.kernel_samples", explain.kernel_samples, 2),
+        ("--explain.lime_samples", explain.lime_samples, 2),
+        ("--explain.ig_steps", explain.ig_steps, 1),
+    ):
+        if value < least:
+            raise UserInputError(f"{flag} must be at least {least}, got {value}.")
 
 
 def check_explanation(settings: dict) -> ExplanationPlan:
@@ -462,12 +517,6 @@ def check_explanation(settings: dict) -> ExplanationPlan:
     shard = ShardAssignment.resolve(explain.shard_index, explain.num_shards)
     folder = check_output_dir(require_output_dir(explain.output_dir))
     return ExplanationPlan(folder, adapter, baselines, shard)
-
-
-def _to_device(module) -> None:
-    # 4-bit weights are placed on their device when loaded; a full-precision backbone is moved here.
-    if torch.cuda.is_available() and not module.quantized:
-        module.to(f"cuda:{torch.cuda.current_device()}")
 
 
 class RunNotes(list):
@@ -545,7 +594,7 @@ def run_analysis(
     prompt = datamodule.prompt_description()
     if plan.adapter:
         load_adapter(module, plan.adapter, prompt)
-    _to_device(module)
+    to_device(module)
     models = plan.baselines + ([FINE_TUNED] if plan.adapter else [])
     specs = model_specs(module, datamodule, models, run.compare.k_shot)
     examples = datamodule.eval_examples
@@ -564,12 +613,14 @@ def run_analysis(
     recorded = run_settings(run, plan, specs, prompt)
     plan.folder.mkdir(parents=True, exist_ok=True)
     store = ProgressStore.open(plan.folder / PROGRESS_DIR, progress_fingerprint(recorded), plan.shard, notes.add)
-    explainer = ExampleExplainer(
+    methods = AttributionMethods(
         tweet_masker(datamodule.encoder, settings.features),
         model_value_functions(module, specs, settings.forward_batch_size),
         settings,
-        run.compare.seed,
+        module,
+        specs,
     )
+    explainer = ExampleExplainer(methods, settings, run.compare.seed)
     records = ExampleRecords(store, explainer, examples, example_count, log, after_example)
     result = AnalysisResult(plan.folder, {}, notes, computed=records.computed, resumed=records.resumed, models=models)
 
@@ -619,8 +670,13 @@ def run_analysis(
         result.metrics["exact_shapley_check"] = exact_shapley_check(
             explained, settings.exact_shapley_check, explainer.masker, padded
         )
+    properties = xai_properties(explained, models, recorded["explainers"], run.compare.n_resamples, run.compare.seed)
     result.files, result.removed_stale = write_outputs(
-        plan.folder, explained, models, result.metrics, datamodule.label_names, recorded
+        plan.folder, explained, models, result.metrics, datamodule.label_names, recorded, properties
+    )
+    figures = {f"analysis/{path.stem}": path for path in result.files if path.suffix == ".png"}
+    write_tensorboard(
+        plan.folder / TENSORBOARD_DIR, figures=figures, tables={"analysis/summary": analysis_summary(result)}
     )
     return result
 
@@ -684,6 +740,16 @@ def run_settings(run: LoadedRun, plan: ExplanationPlan, specs: Mapping, prompt: 
         "masks_per_round": MASKS_PER_ROUND,
         "explainer": f"shap {shap.__version__} Partition explainer, Text masker over the tweet {settings.features}",
         "explainers": list(dict.fromkeys(settings.explainers)),
+        **{
+            key: getattr(settings, key)
+            for key, used in (
+                ("kernel_samples", "kernel"),
+                ("lime_samples", "lime"),
+                ("ig_steps", "integrated_gradients"),
+            )
+            if used in settings.explainers
+        },
+        "measure_stability": settings.measure_stability,
     }
     if K_SHOT in specs:
         recorded["k_shot"] = run.compare.k_shot
@@ -702,9 +768,16 @@ def progress_fingerprint(recorded: dict) -> dict:
 
 
 def write_outputs(
-    folder: Path, records: list[dict], models: list[str], metrics: dict, label_names: list[str], settings: dict
+    folder: Path,
+    records: list[dict],
+    models: list[str],
+    metrics: dict,
+    label_names: list[str],
+    settings: dict,
+    properties: dict,
 ) -> tuple[list[Path], list[Path]]:
-    """The per-model SHAP files and plots, deletion curves, HTML page and metrics; removes other models' files."""
+    """The per-model explanation files and plots, deletion curves, HTML page, metrics and XAI properties; removes
+    other models' and explainers' files."""
     names = {model: display_name(model, settings.get("k_shot")) for model in models}
     files = []
     for model in models:
@@ -723,11 +796,17 @@ def write_outputs(
                 files.append(write_json_atomic(folder / explanation_file(model, explainer), content))
     faithfulness = {names[m]: metrics["faithfulness"][m] for m in models}
     files.append(plot_deletion_curves(faithfulness, folder / DELETION_PLOT))
+    if "explainer_agreement" in metrics:
+        files.append(plot_explainer_agreement(metrics["explainer_agreement"], names, folder / AGREEMENT_PLOT))
     title = " vs ".join(names.values()).capitalize() + f": SHAP of the tweet {settings['features']}"
     page = explanations_html(records, label_names, names, title, list(compared_pairs(models).values()))
     files.append(write_text_atomic(folder / EXPLANATIONS_FILE, page))
     files.append(write_json_atomic(folder / INTERPRETABILITY_FILE, metrics))
+    files.append(write_json_atomic(folder / XAI_PROPERTIES_FILE, properties))
     removed = []
+    if "explainer_agreement" not in metrics and (folder / AGREEMENT_PLOT).is_file():
+        (folder / AGREEMENT_PLOT).unlink()
+        removed.append(folder / AGREEMENT_PLOT)
     for model in MODEL_ORDER:  # never mix two runs' models (or explainers) in one folder
         stale = [] if model in models else [shap_file(model), shap_summary_plot(model)]
         stale += [
@@ -740,16 +819,31 @@ def write_outputs(
     return files, removed
 
 
+EXPLAINER_MEANING = {
+    "kernel": "KernelSHAP: base_values = p(empty tweet); base_values + sum_j values[i][j] = p(tweet i)",
+    "lime": "LIME surrogate weights: base_values = the surrogate's intercepts (its prediction with every feature "
+    "deleted); r2 = its weighted R^2 per class",
+    "occlusion": "values[i][j][c] = p_c(tweet i) - p_c(tweet i without feature j); base_values = p(tweet i)",
+    "integrated_gradients": "integrated gradients from the zero embedding of every tweet token, summed per feature: "
+    "base_values = p(baseline); base_values + sum_j values[i][j] = p(tweet i) up to completeness_error",
+}
+QUALITY = {"kernel": "additivity_error", "lime": "r2", "integrated_gradients": "completeness_error"}
+
+
 def other_explainer_content(explainer: str, model: str, records: list[dict], label_names: list[str], settings: dict):
     """`<model>_<explainer>.json`: the layout of `<model>_shap.json` (it loads with `load_explanation`), with that
-    explainer's values. Occlusion values are not additive: base_values hold f(x), the output each removal is
-    measured from."""
+    explainer's values, base values (see `meaning`), cost and quality figure."""
     content = explanation_file_content(model, records, label_names, settings)
+    rows = [record["models"][model]["explainers"][explainer] for record in records]
     content["explainer"] = explainer
-    content["values"] = [record["models"][model][explainer]["values"] for record in records]
-    content["base_values"] = [record["models"][model]["probabilities"] for record in records]
-    content["meaning"] = "values[i][j][c] = p_c(tweet i) - p_c(tweet i without feature j); base_values = p(tweet i)"
-    content["evaluations"] = [record["occlusion_evals"] for record in records]
-    content["seconds"] = [record["models"][model][explainer]["seconds"] for record in records]
+    content["values"] = [row["values"] for row in rows]
+    content["base_values"] = [row["base_values"] for row in rows]
+    content["meaning"] = EXPLAINER_MEANING[explainer]
+    content["evaluations"] = [record["explainers"][explainer]["evaluations"] for record in records]
+    content["seconds"] = [record["explainers"][explainer]["seconds"] for record in records]
     content.pop("additivity_error")
+    if explainer in QUALITY:
+        content[QUALITY[explainer]] = [row[QUALITY[explainer]] for row in rows]
+    if explainer == "kernel":
+        content["exact"] = [row["exact"] for row in rows]
     return content

@@ -209,6 +209,41 @@ class LabelProbabilities:
         return probabilities if self.transform is None else self.transform(probabilities)
 
 
+class JointValueFunction:
+    """Several models' value functions as one: texts -> their probabilities side by side, (n, models x classes).
+
+    Every explainer scores all models of a run through one of these, so two models' explanations are always
+    computed on the same masked tweets.
+    """
+
+    def __init__(self, value_functions: Mapping[str, Callable[[Sequence[str]], np.ndarray]]):
+        self.value_functions = dict(value_functions)
+        self.names = list(value_functions)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        texts = [str(text) for text in texts]
+        return np.concatenate([self.value_functions[name](texts) for name in self.names], axis=-1)
+
+    def split(self, joint: np.ndarray) -> dict[str, np.ndarray]:
+        """The columns of each model (the last axis of a joint array)."""
+        classes = joint.shape[-1] // len(self.names)
+        return {name: joint[..., k * classes : (k + 1) * classes] for k, name in enumerate(self.names)}
+
+    @property
+    def remembers(self) -> bool:
+        """Whether every model reuses computed tweet prefixes inside `remembering()`."""
+        return all(getattr(fn, "remembers", False) for fn in self.value_functions.values())
+
+    @contextlib.contextmanager
+    def remembering(self) -> Iterator[None]:
+        """Every model's prefix reuse for one tweet's evaluations (see `LabelProbabilities.remembering`)."""
+        with contextlib.ExitStack() as stack:
+            for function in self.value_functions.values():
+                if hasattr(function, "remembering"):
+                    stack.enter_context(function.remembering())
+            yield
+
+
 def model_value_functions(module, specs: Mapping, batch_size: int = 16) -> dict[str, LabelProbabilities]:
     """One value function per `analysis.models.ModelSpec` (prompt, adapter state, calibration), in eval mode."""
     module.eval()  # LoRA dropout off: explanations of a deterministic function
@@ -254,7 +289,7 @@ def shared_credit_fraction(hierarchical_values: np.ndarray, n_tokens: int) -> np
 
 
 @contextlib.contextmanager
-def _seeded_numpy(seed: int) -> Iterator[None]:
+def seeded_numpy(seed: int) -> Iterator[None]:
     """shap breaks priority ties with the global numpy RNG: seed it per example (resumed runs match) and restore."""
     state = np.random.get_state()
     np.random.seed(seed)
@@ -276,18 +311,9 @@ def explain_tweet(
     Returns `{"models": {name: {"values": (n_tokens, classes), "base_values": (classes,), "shared_credit_fraction":
     (classes,)}}, "data": segments, "feature_names", "evals_used", "evals_for_exact_owen"}`.
     """
-    names = list(value_functions)
-
-    def joint(texts) -> np.ndarray:
-        texts = [str(t) for t in texts]
-        return np.concatenate([value_functions[name](texts) for name in names], axis=1)
-
-    remembering = all(getattr(function, "remembers", False) for function in value_functions.values())
-    with contextlib.ExitStack() as stack:
-        for function in value_functions.values():
-            if hasattr(function, "remembering"):
-                stack.enter_context(function.remembering())
-        return _explain_tweet(text, joint, names, masker, max_evals, seed, score_openings=remembering)
+    joint = JointValueFunction(value_functions)
+    with joint.remembering():
+        return _explain_tweet(text, joint, masker, max_evals, seed, score_openings=joint.remembers)
 
 
 def opening_coalitions(masker: TweetMasker, text: str, max_evals: int) -> list[str]:
@@ -333,8 +359,7 @@ def opening_coalitions(masker: TweetMasker, text: str, max_evals: int) -> list[s
 
 def _explain_tweet(
     text: str,
-    joint: Callable,
-    names: list[str],
+    joint: JointValueFunction,
     masker: TweetMasker,
     max_evals: int,
     seed: int,
@@ -353,18 +378,17 @@ def _explain_tweet(
         if score_openings:
             joint(opening_coalitions(masker, text, max_evals))  # one forward; the explainer's first calls reuse it
         explainer = shap.explainers.Partition(joint, masker)
-        with _seeded_numpy(seed):
+        with seeded_numpy(seed):
             explanation = explainer([text], max_evals=max_evals, batch_size=MASKS_PER_ROUND, silent=True)
         values = np.asarray(explanation.values[0], dtype=float)
         base = np.asarray(explanation.base_values[0], dtype=float)
         evals_used = int(explainer.last_eval_count) + 2
         evals_exact = evals_for_exact_owen(explanation.clustering[0])
         shared = shared_credit_fraction(explanation.hierarchical_values[0], len(segments))
-    classes = values.shape[1] // len(names)
-    columns = {name: slice(k * classes, (k + 1) * classes) for k, name in enumerate(names)}
+    values_by, base_by, shared_by = joint.split(values), joint.split(base), joint.split(shared)
     models = {
-        name: {"values": values[:, cols], "base_values": base[cols], "shared_credit_fraction": shared[cols]}
-        for name, cols in columns.items()
+        name: {"values": values_by[name], "base_values": base_by[name], "shared_credit_fraction": shared_by[name]}
+        for name in joint.names
     }
     return {
         "models": models,

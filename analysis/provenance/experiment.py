@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import gc
 import inspect
 import json
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from analysis.models import FINE_TUNED, ZERO_SHOT, check_baselines, display_name
+from analysis.models import FINE_TUNED, ZERO_SHOT, check_baselines, display_name, release_memory
 from analysis.provenance.badge import BADGE_ID, PROJECT_ROOT, install_badge
 from analysis.provenance.manifest import (
     PhaseTimer,
@@ -114,7 +113,7 @@ class ExperimentOptions:
     features: str = ExplainSettings.features
     """SHAP features: words (default) or tokens."""
     explainers: list[str] = field(default_factory=lambda: ExplainSettings().explainers)
-    """Attribution methods: partition (always) and occlusion (leave-one-out), as for analyze.py."""
+    """Attribution methods, as for analyze.py: partition (always), kernel, lime, occlusion, integrated_gradients."""
     comparison_target: str = ExplainSettings.comparison_target
     """The one class per tweet every comparison of two models reads: gold or reference (the fine-tuned prediction)."""
     load_in_4bit: bool = _BASE["model"]["load_in_4bit"]
@@ -226,14 +225,6 @@ def check_options(options: ExperimentOptions, config: dict) -> None:
 
 
 # ---- phases -------------------------------------------------------------------------------------------------------
-def _release_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _labelled_texts(datamodule, examples) -> list[tuple[str, str]]:
     names = datamodule.label_names
     return [(example.text, names[example.label]) for example in examples]
@@ -590,7 +581,7 @@ class ExperimentRun:
             return
         with self.timer.phase(phase):
             work()
-        _release_memory()
+        release_memory()
         self.finished(phase)
 
     def train(self) -> Path:
@@ -606,7 +597,7 @@ class ExperimentRun:
             if saved_config.is_file():
                 self.manifest["lightning_config"] = yaml.safe_load(saved_config.read_text())
             del cli, datamodule
-            _release_memory()
+            release_memory()
             self.produced += [name for name in TRAINING_OUTPUTS if (self.folder / name).exists()]
             self.finished("train")
         return self.folder / ADAPTER_DIR
@@ -619,7 +610,7 @@ class ExperimentRun:
         if not self.done("evaluate"):
             with self.timer.phase("evaluate"):
                 evaluation = evaluate(load_run(["--config", str(self.config_path)], check=check_evaluation))
-            _release_memory()
+            release_memory()
             self.produced += [path.name for path in evaluation.files] + [TENSORBOARD_DIR]
             self.manifest["data"]["eval"] = _predictions_fingerprint(self.folder / PREDICTIONS_FILE)
             self.finished("evaluate", evaluation_summary(evaluation))
@@ -651,7 +642,7 @@ class ExperimentRun:
                 result = run_analysis(
                     load_run(["--config", str(self.config_path)], check=check_explanation), _to_stderr
                 )
-            _release_memory()
+            release_memory()
             self.produced += [path.name for path in result.files]
             self.manifest["data"]["explained"] = _explained_fingerprint(self.folder / shap_file(result.models[0]))
             self.manifest["explained_models"] = list(result.models)

@@ -28,6 +28,7 @@ from foundation.output_names import (
     RELIABILITY_PLOT,
     REPORT_FILE,
     SEED_METRICS_FILE,
+    XAI_PROPERTIES_FILE,
     metrics_file,
     shap_summary_plot,
 )
@@ -293,7 +294,9 @@ def _figures_section(folder: Path, names: Collection[str]) -> str:
     return "\n".join(parts)
 
 
-def _explanations_section(interpretability: dict | None, explanations_page: str | None) -> str:
+def _explanations_section(
+    interpretability: dict | None, explanations_page: str | None, properties: dict | None = None
+) -> str:
     if not interpretability and not explanations_page:
         return ""
     parts = ['<section id="explanations"><h2>Explanations (SHAP over the tweet\'s words or tokens)</h2>']
@@ -333,6 +336,9 @@ def _explanations_section(interpretability: dict | None, explanations_page: str 
             parts.append(_fine_tuning_effect(effect, names))
         parts.append(_seed_null(interpretability.get("seed_null")))
         parts.append(_faithfulness(interpretability.get("faithfulness"), models, names))
+        parts.append(_explainer_agreement(interpretability.get("explainer_agreement"), names))
+        parts.append(_explainer_verdicts(interpretability.get("explainer_verdicts")))
+        parts.append(_xai_properties(properties, names))
         notes = interpretability.get("notes") or []
         if notes:
             parts.append("<ul>" + "".join(f'<li class="note">{escape(str(note))}</li>' for note in notes) + "</ul>")
@@ -474,6 +480,72 @@ def _fine_tuning_effect(effect: dict | None, names: dict) -> str:
     return "\n".join(parts)
 
 
+def _mean_cell(stat: dict | None) -> str:
+    stat = stat or {}
+    return format_number(stat.get("mean")) + _interval(stat.get("ci_low"), stat.get("ci_high"))
+
+
+def _explainer_agreement(agreement: dict | None, names: dict) -> str:
+    """Per model, the Spearman (and top-5 overlap) of every two explainers as a matrix."""
+    if not agreement:
+        return ""
+    parts = ["<h3>Agreement between explainers (per tweet, the model's own class; mean [95 % CI])</h3>"]
+    for model, pairs in agreement.items():
+        explainers = list(dict.fromkeys(e for row in pairs.values() for e in row["explainers"]))
+        cells = {tuple(row["explainers"]): row for row in pairs.values()}
+        rows = []
+        for a in explainers:
+            row = [escape(a)]
+            for b in explainers:
+                pair = cells.get((a, b)) or cells.get((b, a))
+                if a == b:
+                    row.append("1")
+                elif pair:
+                    row.append(
+                        _mean_cell(pair["spearman"]) + f"<br>top-5 {format_number(pair['top5_overlap'].get('mean'))}"
+                    )
+                else:
+                    row.append("–")
+            rows.append(row)
+        parts.append(
+            f"<p>{escape(shown_name(model, names)).capitalize()}: Spearman ρ and top-5 overlap</p>"
+            + _table(["explainer"] + [escape(e) for e in explainers], rows)
+        )
+    return "\n".join(parts)
+
+
+def _explainer_verdicts(verdicts: dict | None) -> str:
+    """Each model comparison under every explainer: does the conclusion depend on the method?"""
+    if not verdicts:
+        return ""
+    parts = ["<h3>The comparison under each explainer (common target)</h3>"]
+    for comparison in verdicts.values():
+        items = "".join(f"<li>{escape(str(row['verdict']))}</li>" for row in comparison["explainers"].values())
+        parts.append(f"<p>{escape(str(comparison['conclusion'])).capitalize()}.</p><ul>{items}</ul>")
+    return "\n".join(parts)
+
+
+def _xai_properties(properties: dict | None, names: dict) -> str:
+    """Per model, every measured property of every explainer (mean [95 % CI] over tweets)."""
+    if not properties:
+        return ""
+    definitions = properties.get("definitions") or {}
+    parts = [
+        f'<h3>XAI properties, measured (<a href="{XAI_PROPERTIES_FILE}">{XAI_PROPERTIES_FILE}</a>)</h3>',
+        "<ul>" + "".join(f"<li><b>{escape(k)}</b>: {escape(str(v))}</li>" for k, v in definitions.items()) + "</ul>",
+    ]
+    for key, why in (properties.get("not_measured") or {}).items():
+        parts.append(f'<p class="note">{escape(key)} not measured: {escape(why)}</p>')
+    for model, explainers in (properties.get("models") or {}).items():
+        keys = [k for k in definitions if any(k in row for row in explainers.values())]
+        rows = [[escape(e)] + [_mean_cell(row.get(k)) for k in keys] for e, row in explainers.items()]
+        parts.append(
+            f"<p>{escape(shown_name(model, names)).capitalize()}:</p>"
+            + _table(["explainer"] + [escape(k.replace("_", " ")) for k in keys], rows)
+        )
+    return "\n".join(parts)
+
+
 def _faithfulness(faithfulness: dict | None, models: Sequence[str], names: dict) -> str:
     if not faithfulness:
         return ""
@@ -540,7 +612,9 @@ def render_report(folder: str | Path, names: Collection[str] | None = None, badg
         "comparison": _comparison_section(load(COMPARISON_FILE)),
         "figures": _figures_section(folder, names),
         "seeds": _seed_metrics_section(load(SEED_METRICS_FILE)),
-        "explanations": _explanations_section(load(INTERPRETABILITY_FILE), explanations_page),
+        "explanations": _explanations_section(
+            load(INTERPRETABILITY_FILE), explanations_page, load(XAI_PROPERTIES_FILE)
+        ),
         "run": _timings_section(manifest),
         "files": _files_section(folder, names),
     }

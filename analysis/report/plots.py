@@ -1,4 +1,5 @@
-"""Figures: headline metrics with CIs, confusion matrices, reliability diagrams, top SHAP tokens, deletion curves.
+"""Figures: headline metrics with CIs, confusion matrices, reliability diagrams, top SHAP tokens, deletion curves,
+ROAR curves.
 
 Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so no GUI backend or global figure
 state is involved and nothing needs ``matplotlib.use``. Every PNG is written atomically by ``save_figure``.
@@ -169,4 +170,61 @@ def plot_deletion_curves(summary_by_model: Mapping[str, Mapping], path: str | os
         ax.set_title(MODE_LABELS[mode], fontsize=9)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("drop in target-class probability")
+    return save_figure(fig, path)
+
+
+def plot_roar(
+    conditions: Mapping[str, Mapping], explainers: Sequence[str], model: str, path: str | os.PathLike
+) -> Path:
+    """ROAR: accuracy and macro-F1 after retraining against the share of words removed, per explainer and for the
+    random control, all starting from the unchanged rows (`none`), with bootstrap CI whiskers."""
+    fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+    axes = fig.subplots(1, 2)
+    none = conditions["none"]
+    colours = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c"]
+    for ax, metric, label in zip(axes, ("accuracy", "macro_f1"), ("accuracy", "macro-F1")):
+        for k, removal in enumerate(["random", *explainers]):
+            rows = [none] + sorted(
+                (row for row in conditions.values() if row["removal"] == removal), key=lambda row: row["fraction"]
+            )
+            x = [100 * row["fraction"] for row in rows]
+            y = np.array([row[metric] for row in rows])
+            low = np.array([row["confidence_intervals"][metric]["low"] for row in rows])
+            high = np.array([row["confidence_intervals"][metric]["high"] for row in rows])
+            ax.errorbar(
+                x,
+                y,
+                yerr=np.clip([y - low, high - y], 0.0, None),
+                fmt="--o" if removal == "random" else "-o",
+                color="grey" if removal == "random" else colours[k % len(colours)],
+                capsize=3,
+                label="random (control)" if removal == "random" else removal,
+            )
+        ax.set_xlabel("% of each tweet's words removed (train and eval)")
+        ax.set_ylabel(f"{label} after retraining (95% CI)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"ROAR: {model} explained, LoRA retrained on the remaining words", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_explainer_agreement(agreement: Mapping[str, Mapping], names: Mapping[str, str], path: str | os.PathLike):
+    """Per model, the mean per-tweet Spearman between every two explainers as a matrix (1 on the diagonal)."""
+    fig = Figure(figsize=(4.6 * len(agreement), 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(agreement)))
+    for ax, (model, pairs) in zip(axes, agreement.items()):
+        explainers = list(dict.fromkeys(e for row in pairs.values() for e in row["explainers"]))
+        index = {e: k for k, e in enumerate(explainers)}
+        matrix = np.eye(len(explainers))
+        for row in pairs.values():
+            a, b = (index[e] for e in row["explainers"])
+            mean = row["spearman"]["mean"]
+            matrix[a, b] = matrix[b, a] = np.nan if mean is None else mean
+        image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu")
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8)
+        labels = [e.replace("integrated_gradients", "IG") for e in explainers]
+        ax.set_xticks(range(len(explainers)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(explainers)), labels, fontsize=8)
+        ax.set_title(f"{names.get(model, model)}: mean Spearman per tweet", fontsize=9)
+    fig.colorbar(image, ax=list(axes), shrink=0.8)
     return save_figure(fig, path)

@@ -187,7 +187,7 @@ def paired_example_statistics(zero_shot: np.ndarray, fine_tuned: np.ndarray) -> 
     }
 
 
-def _mean_with_ci(values: Sequence[float], n_resamples: int, seed: int) -> dict[str, float | int | None]:
+def mean_with_ci(values: Sequence[float], n_resamples: int, seed: int) -> dict[str, float | int | None]:
     """Mean and bootstrap CI over examples where the statistic is defined (NaN rows dropped first)."""
     defined = np.asarray(values, dtype=float)
     defined = defined[~np.isnan(defined)]
@@ -286,7 +286,7 @@ def compare_models(
     ft_stats = model_statistics(fine_tuned, tokens_per_example, top_k=top_k)
 
     result: dict = {
-        name: _mean_with_ci([row[name] for row in paired_rows], n_resamples, seed) for name in PAIRED_EXAMPLE_STATISTICS
+        name: mean_with_ci([row[name] for row in paired_rows], n_resamples, seed) for name in PAIRED_EXAMPLE_STATISTICS
     }
     result["paired_tests"] = {
         name: paired_test(

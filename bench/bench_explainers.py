@@ -1,0 +1,147 @@
+"""Every explainer's seconds per tweet on the embedded default, cached value function vs an uncached reference.
+
+cached     the analysis's value function: masked tweets scored through the instruction's KV cache as a prefix
+           tree (masked tweets sharing a start share its computation), lm_head at the label rows only
+uncached   the same explainer, same seeds, over plain padded forwards of every whole prompt (no prefix reuse):
+           its values must equal the cached ones within 1e-5
+
+Integrated gradients are gradients, not coalitions: they are timed alone (the prefix is a fixed KV cache there too).
+The zero-shot SmolLM2 explains the first `--examples` eval tweets of the embedded default with every explainer at the
+analysis defaults (partition exact, KernelSHAP and LIME 512 samples, IG 32 steps); one untimed warm-up first.
+Usage: python bench/bench_explainers.py [--examples 2] [--threads N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.configuration import load_run  # noqa: E402
+from analysis.explanation.methods import AttributionMethods  # noqa: E402
+from analysis.explanation.run import tweet_budget  # noqa: E402
+from analysis.explanation.shap_values import (  # noqa: E402
+    LabelProbabilities,
+    model_value_functions,
+    normalize_tweet,
+    tweet_masker,
+)
+from analysis.models import ZERO_SHOT, model_specs  # noqa: E402
+from analysis.settings import EXPLAINERS  # noqa: E402
+
+TARGET = 5.0  # issue 14: each perturbation explainer >= 5x faster over the cached value function
+TOLERANCE = 1e-5  # its values equal to the uncached reference's
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def measure(examples: int = 2) -> dict:
+    run = load_run(["--config", str(CONFIG), "--data.eval_subset", "500"])
+    module, datamodule, settings = run.module, run.datamodule, run.explain
+    module.eval()
+    specs = model_specs(module, datamodule, [ZERO_SHOT])
+    masker = tweet_masker(datamodule.encoder, "words")
+    cached = AttributionMethods(masker, model_value_functions(module, specs, 16), settings, module, specs)
+    padded = {
+        name: LabelProbabilities(spec.scorer(module, "padded", "labels", 7), spec.encoder, spec.transform)
+        for name, spec in specs.items()
+    }
+    uncached = AttributionMethods(masker, padded, settings, module, specs)
+    texts = [normalize_tweet(e.text) for e in datamodule.eval_examples[:examples]]
+    for method in EXPLAINERS:  # warm-up: first forwards, shap's numba kernels, captum's first graph
+        cached.explain(method, "so happy today", 0, 8)
+    rows = []
+    for method in EXPLAINERS:
+        row = {"explainer": method, "cached_seconds": 0.0, "uncached_seconds": None, "evaluations": 0, "error": None}
+        errors = []
+        for k, text in enumerate(texts):
+            budget = tweet_budget(masker, text, settings)[0]
+            start = time.perf_counter()
+            ours = cached.explain(method, text, k, budget)
+            row["cached_seconds"] += time.perf_counter() - start
+            row["evaluations"] += ours["evaluations"]
+            if method == "integrated_gradients":
+                continue
+            start = time.perf_counter()
+            reference = uncached.explain(method, text, k, budget)
+            row["uncached_seconds"] = (row["uncached_seconds"] or 0.0) + time.perf_counter() - start
+            errors.append(
+                float(np.abs(ours["models"][ZERO_SHOT]["values"] - reference["models"][ZERO_SHOT]["values"]).max())
+            )
+        row["cached_rate"] = row["cached_seconds"] / len(texts)
+        if errors:
+            row["uncached_rate"] = row["uncached_seconds"] / len(texts)
+            row["speed_up"] = row["uncached_seconds"] / row["cached_seconds"]
+            row["error"] = max(errors)
+        row["evaluations"] /= len(texts)
+        rows.append(row)
+    return {
+        "phase": "explainers",
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "examples": len(texts),
+        "words": [len(t.split()) for t in texts],
+        "settings": {k: getattr(settings, k) for k in ("kernel_samples", "lime_samples", "ig_steps", "max_evals")},
+        "rows": rows,
+    }
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"# Explainers, seconds per tweet: zero-shot SmolLM2-135M fp32, {result['examples']} embedded eval tweets "
+        f"({', '.join(map(str, result['words']))} words), {result['cpu']}, {result['threads']} threads, "
+        f"torch {result['torch']}"
+    )
+    print("| explainer | evaluations / tweet | cached s | uncached s | speed-up | target >= 5x | max abs diff |")
+    print("|---|---|---|---|---|---|---|")
+    for row in result["rows"]:
+        if row["error"] is None:
+            print(f"| {row['explainer']} | {row['evaluations']:.0f} | {row['cached_rate']:.2f} | n/a | | | |")
+            continue
+        ok = "yes" if row["speed_up"] >= TARGET else "no"
+        same = "ok" if row["error"] <= TOLERANCE else "FAILED"
+        print(
+            f"| {row['explainer']} | {row['evaluations']:.0f} | {row['cached_rate']:.2f} | {row['uncached_rate']:.2f} "
+            f"| {row['speed_up']:.1f}x | {ok} | {row['error']:.1e} ({same}) |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=2, help="eval tweets to explain (default 2)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = measure(args.examples)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    failed = [row["explainer"] for row in result["rows"] if row["error"] is not None and row["error"] > TOLERANCE]
+    if failed:
+        print(
+            f"error: {', '.join(failed)} differ from the uncached reference by more than {TOLERANCE}", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
