@@ -14,6 +14,7 @@ import torch
 from analysis.explanation.shap_values import load_explanation
 from analysis.models import FINE_TUNED, ZERO_SHOT
 from analysis.report.page import render_report
+from analysis.report.tables import analysis_summary
 from analysis.settings import EXPLAINERS
 from analysis.statistics.shapley import all_coalitions, shapley_values
 from datamodules.prompts import PromptEncoder
@@ -204,7 +205,7 @@ def test_occlusion_is_leave_one_out_by_plain_forwards(explained, models, encoder
 
 
 def test_agreement_verdicts_and_properties_are_measured(explained):
-    out, _ = explained
+    out, result = explained
     metrics = json.loads((out / INTERPRETABILITY_FILE).read_text())
     properties = json.loads((out / XAI_PROPERTIES_FILE).read_text())
     pairs = {f"{a}_vs_{b}" for a, b in combinations(EXPLAINERS, 2)}
@@ -229,6 +230,8 @@ def test_agreement_verdicts_and_properties_are_measured(explained):
     for heading in ("Agreement between explainers", "The comparison under each explainer", "XAI properties, measured"):
         assert heading in page
     assert verdicts["explainers"]["lime"]["verdict"] in page.replace("&#x27;", "'")
+    printed = analysis_summary(result)  # what analyze.py prints
+    assert f"{FINE_TUNED}_vs_{ZERO_SHOT} under each explainer: {verdicts['conclusion']}" in printed
     events = tensorboard_events(out / "tensorboard")  # beside the fit's loss curve, the figures and the table
     for figure in ("explainer_agreement", "deletion_curves", f"{FINE_TUNED}_shap_summary"):
         assert f"analysis/{figure}" in events.Tags()["images"]

@@ -148,11 +148,11 @@ class ExampleExplainer:
     def _reruns(self, text: str, index: int, values: Mapping[str, Mapping[str, np.ndarray]], targets: Mapping) -> dict:
         """Per explainer: the tweet explained again with another seed (identity) and its edits explained (stability)."""
         out = {}
+
+        def budget(tweet: str) -> int:
+            return tweet_budget(self.masker, tweet, self.settings)[0]
+
         for method in self.explainers:
-
-            def budget(tweet: str) -> int:
-                return tweet_budget(self.masker, tweet, self.settings)[0]
-
             again = self.methods.explain(method, text, self.seed + index + IDENTITY_SEED_OFFSET, budget(text))
             magnitude = sum(np.abs(values[name][method][:, targets[name]]) for name in self.value_functions)
             edits = []

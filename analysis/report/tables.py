@@ -95,6 +95,8 @@ def analysis_summary(result: AnalysisResult) -> list[str]:
                 f"{display_name(a, k)} vs {display_name(b, k)}: cosine {cosine['mean']:.3f} "
                 f"[{cosine['ci_low']:.3f}, {cosine['ci_high']:.3f}]"
             )
+    for pair, verdicts in (m.get("explainer_verdicts") or {}).items():
+        lines.append(f"{pair} under each explainer: {verdicts['conclusion']}")
     lines.extend(f"note: {note}" for note in result.notes)
     lines.extend(f"removed {path} from an earlier run with other models" for path in result.removed_stale)
     lines.append(f"results in {result.output_dir}")
