@@ -172,8 +172,8 @@ class TweetAttributions:
             "evaluations": {},
             "seconds": {},
         }
+        budget = tweet_budget(self.methods.masker, text, self.methods.settings)[0]  # the partition explainer's
         for method in self.explainers:
-            budget = tweet_budget(self.methods.masker, text, self.methods.settings)[0]
             explained = self.methods.explain(method, text, self.seed + index, budget)
             record["values"][method] = explained["models"][self.model]["values"][:, target]
             record["evaluations"][method] = explained["evaluations"]
@@ -227,8 +227,10 @@ def _digest(value) -> str:
 def condition_config(resolved: Mapping, data_dir: Path, run_dir: Path, label_names: list[str]) -> dict:
     """The run's recipe (trainer, model, data options, seeds) on the condition's rows, fitted in its own folder on
     one device (the parallel part of ROAR is the explaining, sharded like analyze.py)."""
+    from analysis.configuration import SECTIONS
+
     config = copy.deepcopy(dict(resolved))
-    for section in ("compare", "evaluate", "explain", "roar"):
+    for section in SECTIONS:  # the analysis sections: a fit reads none of them
         config.pop(section, None)
     config["trainer"] = {**config["trainer"], "default_root_dir": str(run_dir), "devices": 1, "num_nodes": 1}
     config["data"] = {
@@ -258,9 +260,10 @@ def retrain(name: str, config: dict, data_dir: Path, log: Callable[[str], None])
     run_dir = Path(config["trainer"]["default_root_dir"])
     key = json.loads(json.dumps({"config": config, "rows": _digest([_read(data_dir / f"{s}.jsonl") for s in SPLITS])}))
     result_path, key_path = run_dir / RESULT_FILE, run_dir / FIT_KEY_FILE
-    if result_path.is_file() and json.loads(result_path.read_text()).get("key") == key:
+    done = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    if done.get("key") == key:
         log(f"ROAR {name}: retrained before, kept")
-        return json.loads(result_path.read_text())
+        return done
     checkpoint = run_dir / CHECKPOINT_DIR / "last.ckpt"
     resume = key_path.is_file() and json.loads(key_path.read_text()) == key and checkpoint.is_file()
     if not resume and run_dir.exists():
