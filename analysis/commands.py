@@ -77,7 +77,7 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
 
     arguments = translate_aliases(sys.argv[1:] if argv is None else argv, ANALYZE_ALIASES)
     return run_reporting_user_errors(
-        lambda: analysis_summary(run_analysis(load_run(arguments, check_explanation, ANALYZE_ALIASES)))
+        lambda: analysis_summary(run_analysis(load_run(arguments, check_explanation, ANALYZE_ALIASES, phase="explain")))
     )
 
 
@@ -125,7 +125,7 @@ def roar_main(argv: Sequence[str] | None = None) -> int:
     arguments = translate_aliases(sys.argv[1:] if argv is None else argv, ROAR_ALIASES)
 
     def work() -> list[str]:
-        result = run_roar(load_run(arguments, check_roar, ROAR_ALIASES))
+        result = run_roar(load_run(arguments, check_roar, ROAR_ALIASES, phase="explain"))
         return result.summary if result.complete else result.notes[-1:]
 
     return run_reporting_user_errors(work)

@@ -29,6 +29,7 @@ from foundation.errors import UserInputError
 from foundation.output_folder import check_output_dir
 from foundation.output_names import CHECKPOINT_DIR
 from lightning_modules import LoRASentimentClassifier
+from lightning_modules.precision import DtypeChoice
 
 SECTIONS = {
     "compare": CompareSettings,
@@ -39,7 +40,13 @@ SECTIONS = {
 
 
 class SentimentCLI(LightningCLI):
-    """LightningCLI for the classifier and the data, with the analysis sections, token handling and clear errors."""
+    """LightningCLI for the classifier and the data, with the analysis sections, token handling and clear errors.
+
+    `--model.dtype auto` is resolved here, per phase (`lightning_modules.precision`): the module, its checkpoints and
+    the saved config see the dtype the phase runs in, and `dtype_choice` keeps the reason.
+    """
+
+    phase = "fit"  # what `fit` resolves for; validate / test / predict resolve for evaluation
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name", "data.tokenizer_name")
@@ -55,6 +62,10 @@ class SentimentCLI(LightningCLI):
         if token:
             os.environ["HF_TOKEN"] = token
             config.model.huggingface_token = None
+        phase = self.phase if self.subcommand in (None, "fit") else "evaluation"  # no subcommand: load_run's phase
+        self.dtype_choice = _resolve_dtype(config, phase)
+        if self.subcommand == "fit":
+            _check_fit_precision(config)
         if not self.subcommand:  # built for evaluation or analysis: no Trainer, nothing written
             return
         root = config.trainer.get("default_root_dir") or os.getcwd()
@@ -104,6 +115,41 @@ class SentimentCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def _resolve_dtype(config, phase: str):
+    """Replace `model.dtype: auto` by the dtype `phase` runs in; an unknown name is one sentence."""
+    from lightning_modules.precision import DTYPE_NAMES, choose_dtype
+
+    requested = config.model.get("dtype") or "auto"
+    if requested != "auto" and requested not in DTYPE_NAMES:
+        raise UserInputError(f"Unknown --model.dtype '{requested}'; use auto, {', '.join(DTYPE_NAMES)}.")
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    choice = choose_dtype(requested, config.model.model_name, phase)
+    config.model.dtype = choice.dtype
+    rank_zero_info(f"{phase} computes in {choice.dtype}: {choice.reason}")
+    return choice
+
+
+def _check_fit_precision(config) -> None:
+    """fp16 weights train only with a loss scaler, which Lightning's `16-mixed` gives on a GPU; set it, or refuse."""
+    import torch
+
+    if config.model.dtype != "float16":
+        return
+    if not torch.cuda.is_available():
+        raise UserInputError(
+            "--model.dtype float16 trains only on a GPU (with a loss scaler); on a CPU use bfloat16 or float32."
+        )
+    precision = str(config.trainer.get("precision") or "32-true")
+    if precision in ("32-true", "32"):
+        config.trainer.precision = "16-mixed"  # autocast + GradScaler over the fp32 LoRA weights
+    elif precision != "16-mixed":
+        raise UserInputError(
+            f"--model.dtype float16 with --trainer.precision {precision}: fp16 weights need --trainer.precision "
+            "16-mixed (the loss scaler); use it, or --model.dtype bfloat16."
+        )
 
 
 def _read_checkpoint_file(path: str | None) -> dict | None:
@@ -207,6 +253,7 @@ class LoadedRun:
     config_path: Path | None
     arguments: list[str]  # the command line after `--config FILE`, with aliases translated
     resolved: dict  # the whole configuration with every option resolved, as `--print_config` shows it (no token)
+    dtype: DtypeChoice  # the dtype the model was loaded in, and why (`--model.dtype auto` is resolved per phase)
 
 
 class _ModelAndDataCLI(SentimentCLI):
@@ -215,8 +262,9 @@ class _ModelAndDataCLI(SentimentCLI):
     `check(settings)` runs after parsing and before the model is loaded, so bad options fail in seconds.
     """
 
-    def __init__(self, *args, check: Callable[[dict], None] | None = None, **kwargs):
+    def __init__(self, *args, check: Callable[[dict], None] | None = None, phase: str = "evaluation", **kwargs):
         self._check = check
+        self.phase = phase
         super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -237,8 +285,10 @@ def load_run(
     arguments: Sequence[str],
     check: Callable[[dict], None] | None = None,
     aliases: Mapping[str, Alias] | None = None,
+    phase: str = "evaluation",
 ) -> LoadedRun:
-    """Parse a command line (`--config FILE`, dotted options) and build the data and the module it describes.
+    """Parse a command line (`--config FILE`, dotted options) and build the data and the module it describes, the
+    model in the dtype `phase` (`evaluation` or `explain`) runs in.
 
     `--print_config` prints the resolved configuration as YAML and exits, as for `scripts/train.py`; `--help` lists
     every option and, after them, the dashed `aliases` the command accepts.
@@ -254,6 +304,7 @@ def load_run(
             args=arguments,
             save_config_callback=None,
             check=check,
+            phase=phase,
             parser_kwargs={"exit_on_error": False, **({"epilog": alias_help(aliases)} if aliases else {})},
         )
     settings = settings_of(cli.config)
@@ -268,6 +319,7 @@ def load_run(
         config_path=config_path,
         arguments=rest,
         resolved=yaml.safe_load(cli.parser.dump(cli.config)),
+        dtype=cli.dtype_choice,
         **settings,
     )
 

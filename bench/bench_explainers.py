@@ -51,7 +51,7 @@ def cpu_model() -> str:
 
 
 def measure(examples: int = 2) -> dict:
-    run = load_run(["--config", str(CONFIG), "--data.eval_subset", "500"])
+    run = load_run(["--config", str(CONFIG), "--data.eval_subset", "500", "--model.dtype", "float32"])
     module, datamodule, settings = run.module, run.datamodule, run.explain
     module.eval()
     specs = model_specs(module, datamodule, [ZERO_SHOT])

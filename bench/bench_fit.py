@@ -6,7 +6,11 @@ original  every example padded to 512 tokens, full-vocabulary logits at every po
 Both run the same LoRA model, optimizer and batches; only the recipe differs. Each path gets a freshly loaded model
 (ours first, so the original's 512-wide activations never sit in its resident set). GFLOP/s counts forward and
 backward of a frozen base with LoRA from the positions actually run (bench/accounting.py).
-Usage: python bench/bench_fit.py [--batches 8] [--batch-size 4] [--warmup 1] [--dtype float32] [--json PATH]
+`--dtype bfloat16` loads the frozen base in bf16 (the LoRA weights, their gradients and AdamW's state stay fp32, as
+in `scripts/train.py fit --model.dtype bfloat16`); `--no-original` times ours alone (bench/bench_all.py compares the
+bf16 row with the fp32 original).
+Usage: python bench/bench_fit.py [--batches 8] [--batch-size 4] [--warmup 1] [--dtype float32] [--no-original]
+       [--json PATH]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from lightning_modules.backbone import attach_lora, load_causal_lm  # noqa: E402
 from lightning_modules.scoring import logits_at_positions  # noqa: E402
 
 ORIGINAL_LENGTH = 512
-TARGET = 10.0  # issue 7: fit >= 10x the original recipe's examples/s
+TARGET = 30.0  # issue 15: fit >= 30x the original recipe's examples/s (the original in fp32)
 
 
 def ours_step(model, batch) -> torch.Tensor:
@@ -81,8 +85,10 @@ def train_steps(step, model, batches, warmup: int) -> dict:
     }
 
 
-def measure(batches: int = 8, batch_size: int = 4, warmup: int = 1, dtype: str = "float32") -> dict:
-    """Both recipes on the same batches: one row per recipe, plus the setting."""
+def measure(
+    batches: int = 8, batch_size: int = 4, warmup: int = 1, dtype: str = "float32", original: bool = True
+) -> dict:
+    """Both recipes (or ours alone) on the same batches: one row per recipe, plus the setting."""
     if batches <= warmup:
         raise SystemExit(f"error: --batches {batches} leaves nothing to time after --warmup {warmup}.")
     dm = TweetSentimentDataModule(train_subset=batches * batch_size, eval_subset=8, batch_size=batch_size)
@@ -90,6 +96,8 @@ def measure(batches: int = 8, batch_size: int = 4, warmup: int = 1, dtype: str =
     data = list(dm.train_dataloader())[:batches]
     pad = dm.tokenizer.pad_token_id
     steps = {"ours": ours_step, "original": lambda m, b: original_step(m, b, pad)}
+    if not original:
+        del steps["original"]
     rows = []
     for name, step in steps.items():
         torch.manual_seed(0)
@@ -100,7 +108,7 @@ def measure(batches: int = 8, batch_size: int = 4, warmup: int = 1, dtype: str =
         del base, model
         gc.collect()
     lengths = [int(b["attention_mask"].sum()) for b in data]
-    return {
+    result = {
         "phase": "fit",
         "model": EMBEDDED_MODEL,
         "batch_size": batch_size,
@@ -108,11 +116,13 @@ def measure(batches: int = 8, batch_size: int = 4, warmup: int = 1, dtype: str =
         "mean_prompt_length": sum(lengths) / sum(len(b["input_ids"]) for b in data),
         "threads": torch.get_num_threads(),
         "rows": rows,
-        # Same supervised token: the original's shifted LM loss over a masked batch equals ours at the label position.
-        "same_first_loss": abs(rows[0]["first_loss"] - rows[1]["first_loss"]) < 1e-4,
-        "speed_up": rows[0]["rate"] / rows[1]["rate"],
         "target": TARGET,
     }
+    if original:
+        # Same supervised token: the original's shifted LM loss over a masked batch equals ours at the label position.
+        result["same_first_loss"] = abs(rows[0]["first_loss"] - rows[1]["first_loss"]) < 1e-4
+        result["speed_up"] = rows[0]["rate"] / rows[1]["rate"]
+    return result
 
 
 def print_table(result: dict) -> None:
@@ -128,8 +138,9 @@ def print_table(result: dict) -> None:
             f"{row['path']:<10} {row['rate']:>11.2f} {row['first_loss']:>11.4f} {row['positions']:>10d} "
             f"{row['flops'] / row['seconds'] / 1e9:>8.1f} {row['peak_rss_gib']:>9.2f}"
         )
-    print(f"speed-up: {result['speed_up']:.1f}x (target >= {result['target']:.0f}x)")
-    print(f"same first-batch loss: {result['same_first_loss']}")
+    if "speed_up" in result:
+        print(f"speed-up: {result['speed_up']:.1f}x (target >= {result['target']:.0f}x)")
+        print(f"same first-batch loss: {result['same_first_loss']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-original", action="store_true", help="time ours alone")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = measure(args.batches, args.batch_size, args.warmup, args.dtype)
+    result = measure(args.batches, args.batch_size, args.warmup, args.dtype, not args.no_original)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -9,6 +9,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from foundation.errors import UserInputError
 from foundation.hub import hub_error, resolve_model_source, resolve_token
+from lightning_modules.precision import choose_dtype
+from lightning_modules.tree_attention import use_half_sdpa
 
 
 def bitsandbytes_cpu_ready() -> bool:
@@ -39,12 +41,11 @@ def use_4bit(load_in_4bit: bool, force_4bit_on_cpu: bool) -> bool:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str = "auto") -> torch.dtype:
-    """`auto`: bf16 on a CUDA GPU that supports it, else fp32 (a CPU without AMX/AVX512-BF16 emulates bf16 slowly)."""
+def resolve_dtype(name: str = "auto", model_name: str = "") -> torch.dtype:
+    """A dtype name as torch's; `auto` as `lightning_modules.precision` decides for evaluation (the commands resolve
+    `auto` for their own phase before the model is built)."""
     if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        name = choose_dtype("auto", model_name, "evaluation").dtype
     if name not in DTYPES:
         raise UserInputError(f"Unknown dtype '{name}'; use auto, {', '.join(DTYPES)}.")
     return DTYPES[name]
@@ -61,7 +62,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     source = resolve_model_source(model_name)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, model_name)
     kwargs = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True, "token": resolve_token(token)}
     if revision:
         kwargs["revision"] = revision
@@ -76,7 +77,7 @@ def load_causal_lm(
     from safetensors import SafetensorError
 
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except SafetensorError as error:  # a truncated or damaged weights file (an interrupted download or copy)
         raise UserInputError(
             f"The weights of '{model_name}' are damaged ({str(error).splitlines()[0]}); download or copy the model "
@@ -84,6 +85,9 @@ def load_causal_lm(
         ) from error
     except (OSError, ValueError) as error:
         raise hub_error(model_name, error) from error
+    if dtype != torch.float32:
+        use_half_sdpa(model)  # a CPU computes half-precision attention faster in fp32; the fp32 path is untouched
+    return model
 
 
 def _disable_bnb_cpu_inference_packing(model) -> None:

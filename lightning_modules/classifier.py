@@ -53,7 +53,10 @@ class LoRASentimentClassifier(L.LightningModule):
         model_name: hub id (e.g. meta-llama/Llama-3.2-1B), a local folder, or `embedded:smollm2-135m-instruct`.
         label_names / label_token_ids: the classes and their verbalizer token ids (linked from the DataModule).
         load_in_4bit: NF4 quantisation; without CUDA it falls back to full precision unless `force_4bit_on_cpu`.
-        dtype: weights / compute dtype: `auto` (bf16 on a bf16-capable GPU, else fp32), `float32`, `bfloat16`.
+        dtype: the frozen base's weights / compute dtype: `float32`, `bfloat16`, `float16` (fit: a GPU's, with
+            `--trainer.precision 16-mixed`), or `auto`: bf16 where this machine has it natively and the bf16 gates
+            recorded for this model on this kind of machine pass, else fp32 (`lightning_modules.precision`; each
+            command resolves it for its phase). The LoRA weights, their gradients and the optimizer state are fp32.
         huggingface_token: for gated repos; never saved (the CLI moves it into the environment and blanks it).
     """
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lightning_modules.tree_attention import TreeAttentionPlan, tree_attention
+from lightning_modules.tree_attention import HALF_SDPA, TreeAttentionPlan, tree_attention
 
 
 def _causal_lm(model):
@@ -272,7 +272,7 @@ def _tree_batches(sequences: Sequence[Sequence[int]], batch_size: int) -> list[l
 def supports_prefix_sharing(model) -> bool:
     """Whether the tree path may run the model: its attention is plain softmax attention (sdpa or eager), which the
     tree's block-sparse attention (`lightning_modules.tree_attention`) computes exactly; other kernels may differ."""
-    return getattr(_causal_lm(model).config, "_attn_implementation", None) in ("sdpa", "eager")
+    return getattr(_causal_lm(model).config, "_attn_implementation", None) in ("sdpa", "eager", HALF_SDPA)
 
 
 def tree_logits(

@@ -12,6 +12,9 @@ from tests.tiny import analysis_test_rows, save_tiny_llama, synthetic_rows, writ
 # Tests never touch the network: hub names must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# `--model.dtype auto` is fp32 in every test (no recorded bf16 gates), on every kind of CPU: tests compare with fp32
+# forwards. The policy itself is tested with records of its own (tests/test_precision.py).
+os.environ["LORA_EXPLAIN_DTYPE_GATES"] = ""
 
 
 @pytest.fixture(scope="session")

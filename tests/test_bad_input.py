@@ -107,6 +107,8 @@ CASES = [
         "label word ' 0' is 2 tokens",
     ),
     Case("unknown option", "train", ("fit", "--config", "{config}", "--model.lora_rank", "8"), "lora_rank"),
+    Case("unknown dtype", "train", ("fit", "--config", "{config}", "--model.dtype", "fp8"), "Unknown --model.dtype"),
+    Case("fp16 fit on a CPU", "train", ("fit", "--config", "{config}", "--model.dtype", "float16"), "only on a GPU"),
     Case(
         "corrupt checkpoint", "train", ("fit", "--config", "{config}", "--ckpt_path", "{files}/corrupt.ckpt"), "corrupt"
     ),

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from bench.accounting import PeakMemory, Work, WorkCounter, matmul_peak_gflops
-from bench.bench_all import format_table, prediction_agreement, shap_correlation, table_rows
+from bench.bench_all import (
+    format_table,
+    json_row,
+    policy_record,
+    prediction_agreement,
+    shap_correlation,
+    table_rows,
+)
+from bench.gate_dtypes import evaluation_gate, explain_gate, fit_gate
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +148,78 @@ def test_table_speed_ups_targets_and_peak_shares():
     assert len(lines) == 2 + 4
     assert "| yes" in lines[2] and "**no**" in lines[4]  # fit 10x meets >= 10x; SHAP 4x misses >= 5x
     assert "1.00x (base)" in lines[3] and "1.00x (base)" in lines[5]
+
+
+def test_json_rows_keep_every_figure_of_the_table():
+    results = {
+        "fit": {
+            "rows": [_row("ours", 6.0, 1.0, 80e9, dtype="float32"), _row("original", 0.5, 1.0, 50e9, dtype="float32")],
+            "target": 30.0,
+            "same_first_loss": True,
+        },
+        "fit_bf16": {"rows": [_row("ours", 9.0, 1.0, 200e9, dtype="bfloat16")]},
+    }
+    rows = [json_row(row) for row in table_rows(results, {"float32": 100.0, "bfloat16": 400.0})]
+    assert [(r["path"], r["dtype"]) for r in rows] == [
+        ("ours", "float32"),
+        ("ours", "bfloat16"),
+        ("original: pad to 512, logits everywhere", "float32"),
+    ]
+    bf16 = rows[1]
+    assert bf16["speed_up"] == pytest.approx(18.0)  # over the fp32 original
+    assert bf16["percent_of_peak"] == pytest.approx(50.0) and bf16["peak_gib"] == 1.0
+    assert rows[2]["speed_up"] == 1.0
+    assert {"phase", "path", "dtype", "rate", "speed_up", "percent_of_peak", "peak_gib"} <= set(bf16)
+
+
+def _ci(estimate, low, high):
+    return {"estimate": estimate, "low": low, "high": high}
+
+
+def test_fit_gate_needs_both_metrics_inside_the_cis_and_close_losses():
+    fp32 = {"accuracy": _ci(0.60, 0.55, 0.65), "macro_f1": _ci(0.56, 0.51, 0.61), "val_loss": 0.950}
+    inside = {"accuracy": _ci(0.58, 0.0, 1.0), "macro_f1": _ci(0.52, 0.0, 1.0), "val_loss": 0.965}
+    assert fit_gate(fp32, inside)["passes"]
+    assert not fit_gate(fp32, {**inside, "val_loss": 0.975})["passes"]  # |diff| 0.025
+    outside = fit_gate(fp32, {**inside, "macro_f1": _ci(0.50, 0.0, 1.0)})
+    assert not outside["passes"] and outside["inside_ci"] == {"accuracy": True, "macro_f1": False}
+
+
+def _predictions(folder, fine_tuned, zero_shot):
+    import json
+
+    folder.mkdir()
+    pairs = zip(fine_tuned, zero_shot)
+    rows = [{"fine_tuned": {"prediction_index": a}, "zero_shot": {"prediction_index": b}} for a, b in pairs]
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def test_demo_gates_hold_for_each_model(tmp_path):
+    import json
+
+    fp32 = _predictions(tmp_path / "a", [0] * 100, [1] * 100)
+    bf16 = _predictions(tmp_path / "b", [0] * 100, [1] * 98 + [2, 2])
+    gate = evaluation_gate(fp32, bf16)
+    assert gate["agreement"] == {"fine_tuned": 1.0, "zero_shot": 0.98} and not gate["passes"]
+    for folder, values in ((tmp_path / "a", [[1, 5], [2, 0], [3, 9]]), (tmp_path / "b", [[2, 5], [4, 0], [6, 9]])):
+        for model in ("fine_tuned", "zero_shot"):
+            explanation = {"values": [values], "target_classes": [0]}
+            (folder / f"{model}_shap.json").write_text(json.dumps(explanation))
+    gate = explain_gate(tmp_path / "a", tmp_path / "b")  # class 0: (1, 2, 3) vs (2, 4, 6), r = 1
+    assert gate["pearson_r"]["fine_tuned"] == pytest.approx(1.0) and gate["passes"]
+
+
+def test_policy_record_passes_a_phase_only_where_every_gate_of_it_passed():
+    passed, failed = {"passes": True, "summary": "ok"}, {"passes": False, "summary": "no"}
+    results = {
+        "gates": {"evaluation": passed, "shap": failed},
+        "dtype_gates": {"gates": {"fit": passed, "evaluation": passed, "explain": passed}},
+    }
+    record = policy_record(results)
+    assert {phase: gate["passes"] for phase, gate in record["gates"].items()} == {
+        "fit": True,
+        "evaluation": True,
+        "explain": False,  # the base model's SHAP gate failed
+    }
+    assert policy_record({"gates": {"evaluation": passed}}) is None  # not every gate measured

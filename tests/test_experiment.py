@@ -448,6 +448,11 @@ def test_embedded_run_manifest(embedded_run):
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert (manifest["git"] or {}).get("commit") == (head.stdout.strip() if head.returncode == 0 else None)
     assert manifest["device"]["accelerator"] in ("cpu", "cuda")
+    # `--model.dtype auto` with no bf16 gates recorded (the tests' setting): every phase fp32, and why
+    assert set(manifest["dtypes"]) == {"train", "evaluate", "explain"}
+    for choice in manifest["dtypes"].values():
+        assert choice["dtype"] == "float32" and choice["reason"].startswith("auto: "), choice
+    assert manifest["lightning_config"]["model"]["dtype"] == "float32"  # the fit's saved config: the dtype it used
     phases = manifest["phase_seconds"]
     assert {"train", "evaluate", "explain", "report", "total"} <= set(phases)
     assert all(seconds >= 0 for seconds in phases.values())

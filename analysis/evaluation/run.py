@@ -198,6 +198,7 @@ def source_record(spec: ModelSpec, run: LoadedRun, adapter: Path | None, adapter
         **spec.describe(),
         "display_name": display_name(model, len(spec.encoder.demonstrations)),
         "base_model": run.module.hparams.model_name,
+        "dtype": run.dtype.as_dict(),  # what the base computed in, and why
         "adapter": str(adapter) if model == FINE_TUNED and adapter else None,
         "adapter_trained_on": (
             {k: adapter_meta.get(k) for k in ("base_model", "label_names")} if model == FINE_TUNED else None
@@ -312,7 +313,7 @@ def evaluate(run: LoadedRun) -> EvaluationResult:
     reference = FINE_TUNED if plan.adapter else models[0]
     comparison = compare_with_reference(y_true, scores, compare.n_resamples, compare.seed, reference)
     if comparison:
-        shared = ("base_model", "adapter", "config", "overrides", "dataset", "bootstrap", "created")
+        shared = ("base_model", "dtype", "adapter", "config", "overrides", "dataset", "bootstrap", "created")
         comparison["source"] = {key: metrics[reference]["source"][key] for key in shared}
         comparison["display_names"] = {model: metrics[model]["source"]["display_name"] for model in metrics}
 

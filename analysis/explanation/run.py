@@ -724,6 +724,7 @@ def run_settings(run: LoadedRun, plan: ExplanationPlan, specs: Mapping, prompt: 
     datamodule, module, settings = run.datamodule, run.module, run.explain
     recorded = {
         "base_model": module.hparams.model_name,
+        "dtype": run.dtype.as_dict(),  # what the base computed in, and why
         "adapter": str(plan.adapter) if plan.adapter else None,
         "adapter_digest": adapter_digest(module) if plan.adapter else None,
         "models": {name: spec.describe() for name, spec in specs.items()},
@@ -758,9 +759,11 @@ def run_settings(run: LoadedRun, plan: ExplanationPlan, specs: Mapping, prompt: 
 
 def progress_fingerprint(recorded: dict) -> dict:
     """Progress is valid for the same settings. A calibration prior is computed from them (model, prompt), so its
-    digits, which can differ in the last bits between machines, do not invalidate another shard's work."""
+    digits, which can differ in the last bits between machines, do not invalidate another shard's work; nor does the
+    wording of why `auto` chose the dtype (the dtype itself counts)."""
     return {
         **recorded,
+        "dtype": recorded["dtype"]["dtype"],
         "models": {
             name: {k: v for k, v in record.items() if k != "calibration"} for name, record in recorded["models"].items()
         },

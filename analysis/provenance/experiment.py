@@ -513,6 +513,7 @@ class ExperimentRun:
             "packages": package_versions(),
             "git": git_commit(PROJECT_ROOT),
             "phase_seconds": {},
+            "dtypes": {},  # per phase: the dtype its model computed in, and why
             "phases_done": [],
             "summaries": {},  # the summary lines of each finished phase, printed again when a resumed run ends
             "attempts": [],  # one entry per process that worked on this run: started, and how it ended
@@ -523,7 +524,7 @@ class ExperimentRun:
         self.resuming = previous is not None
         self.earlier_seconds: dict[str, float] = {}
         if previous is not None:
-            for key in ("lightning_config", "data", "phases_done", "summaries", "attempts"):
+            for key in ("lightning_config", "data", "phases_done", "summaries", "attempts", "dtypes"):
                 self.manifest[key] = previous.get(key, self.manifest[key])
             self.manifest["started_at_utc"] = previous.get("started_at_utc", started)
             self.produced += previous.get("outputs", [])
@@ -556,6 +557,10 @@ class ExperimentRun:
         if summary:
             self.manifest["summaries"][phase] = list(summary)
         self.save_manifest()
+
+    def _record_dtype(self, phase: str, choice) -> None:
+        """The dtype `phase` computed in and why (`--model.dtype auto` decides per phase and machine)."""
+        self.manifest.setdefault("dtypes", {})[phase] = choice.as_dict()
 
     def save_manifest(self, status: str = "running") -> None:
         self.manifest["status"] = status
@@ -590,6 +595,7 @@ class ExperimentRun:
         if not self.done("train"):
             with self.timer.phase("train"):
                 cli = self._fit(self.config_path)
+            self._record_dtype("train", cli.dtype_choice)
             datamodule = cli.datamodule
             train = _labelled_texts(datamodule, datamodule.train_examples)
             self.manifest["data"]["train"] = examples_fingerprint(train)
@@ -609,7 +615,10 @@ class ExperimentRun:
 
         if not self.done("evaluate"):
             with self.timer.phase("evaluate"):
-                evaluation = evaluate(load_run(["--config", str(self.config_path)], check=check_evaluation))
+                loaded = load_run(["--config", str(self.config_path)], check=check_evaluation)
+                self._record_dtype("evaluate", loaded.dtype)
+                evaluation = evaluate(loaded)
+                del loaded
             release_memory()
             self.produced += [path.name for path in evaluation.files] + [TENSORBOARD_DIR]
             self.manifest["data"]["eval"] = _predictions_fingerprint(self.folder / PREDICTIONS_FILE)
@@ -639,9 +648,10 @@ class ExperimentRun:
         if not self.done("explain"):
             # An interrupted explanation resumes by itself: every finished tweet was saved in .progress/.
             with self.timer.phase("explain"):
-                result = run_analysis(
-                    load_run(["--config", str(self.config_path)], check=check_explanation), _to_stderr
-                )
+                loaded = load_run(["--config", str(self.config_path)], check=check_explanation, phase="explain")
+                self._record_dtype("explain", loaded.dtype)
+                result = run_analysis(loaded, _to_stderr)
+                del loaded
             release_memory()
             self.produced += [path.name for path in result.files]
             self.manifest["data"]["explained"] = _explained_fingerprint(self.folder / shap_file(result.models[0]))
@@ -653,7 +663,7 @@ class ExperimentRun:
                 seed_run = ["--config", str(config_path)]
                 self._seed_phase(
                     f"explain_seed_{k}",
-                    lambda args=seed_run: run_analysis(load_run(args, check_explanation), _to_stderr),
+                    lambda args=seed_run: run_analysis(load_run(args, check_explanation, phase="explain"), _to_stderr),
                 )
             metrics = json.loads((self.folder / INTERPRETABILITY_FILE).read_text(encoding="utf-8"))
             baseline = next(model for model in models if model != FINE_TUNED)

@@ -224,15 +224,19 @@ def _digest(value) -> str:
 
 
 # ---- 3. retrain -----------------------------------------------------------------------------------------------------
-def condition_config(resolved: Mapping, data_dir: Path, run_dir: Path, label_names: list[str]) -> dict:
+def condition_config(
+    resolved: Mapping, data_dir: Path, run_dir: Path, label_names: list[str], dtype: str = "auto"
+) -> dict:
     """The run's recipe (trainer, model, data options, seeds) on the condition's rows, fitted in its own folder on
-    one device (the parallel part of ROAR is the explaining, sharded like analyze.py)."""
+    one device (the parallel part of ROAR is the explaining, sharded like analyze.py). `dtype` is the `--model.dtype`
+    the user gave: the fit resolves `auto` for itself (its gate is not the explanation's)."""
     from analysis.configuration import SECTIONS
 
     config = copy.deepcopy(dict(resolved))
     for section in SECTIONS:  # the analysis sections: a fit reads none of them
         config.pop(section, None)
     config["trainer"] = {**config["trainer"], "default_root_dir": str(run_dir), "devices": 1, "num_nodes": 1}
+    config["model"] = {**config["model"], "dtype": dtype}
     config["data"] = {
         **config["data"],
         "dataset_name": str(data_dir),
@@ -418,6 +422,7 @@ def run_roar(
     tweets = [t for t in _tweets(datamodule, encoder) if t[2] is not None]
     settings = {
         "base_model": module.hparams.model_name,
+        "dtype": run.dtype.as_dict(),  # what the base computed in, and why
         "adapter": str(plan.adapter) if plan.adapter else None,
         "adapter_digest": adapter_digest(module) if plan.adapter else None,
         "explained_model": plan.model,
@@ -431,7 +436,8 @@ def run_roar(
         "ig_steps": explain.ig_steps,
     }
     plan.folder.mkdir(parents=True, exist_ok=True)
-    store = ProgressStore.open(plan.folder / PROGRESS_DIR, settings, plan.shard, notes.add)
+    fingerprint = {**settings, "dtype": settings["dtype"]["dtype"]}  # the dtype counts, not why auto chose it
+    store = ProgressStore.open(plan.folder / PROGRESS_DIR, fingerprint, plan.shard, notes.add)
     attributions = TweetAttributions(methods, plan.model, plan.explainers, explain.target, seed)
     n = len(tweets)
     n_train = sum(t[0] == "train" for t in tweets)
@@ -468,7 +474,8 @@ def run_roar(
         data_dir = plan.folder / ROAR_DATA_DIR / name
         for split, rows in ablated_rows(records, removed[name], masker, label_names).items():
             write_jsonl_atomic(data_dir / f"{split}.jsonl", rows)
-        config = condition_config(run.resolved, data_dir, plan.folder / ROAR_RUNS_DIR / name, label_names)
+        folder = plan.folder / ROAR_RUNS_DIR / name
+        config = condition_config(run.resolved, data_dir, folder, label_names, run.dtype.requested)
         results[name] = retrain(name, config, data_dir, log)
         if results[name]["labels"] != results[NONE]["labels"]:
             raise RuntimeError(f"the ROAR condition {name} scored other eval tweets than {NONE}")
