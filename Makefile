@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# One command on the embedded default (offline, CPU): 13-18 min on 2 idle cores; see outputs/embedded/report.html.
+# One command on the embedded default (offline, CPU): 12-18 min on 2 idle cores (bf16 fit where its gate is recorded);
+# see outputs/embedded/report.html.
 DEMO_SIZES ?= --train-subset 2000 --eval-subset 500 --shap-example-count 10
 demo: install
 	$(PY) scripts/run_experiment.py --finetune --run-shap --model-name embedded:smollm2-135m-instruct \
