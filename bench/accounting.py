@@ -175,3 +175,13 @@ def peak_rss_gib() -> float:
         match = None
     kib = int(match.group(1)) if match else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 2**20
+
+
+def cpu_model() -> str:
+    """The CPU's model name, which every benchmark table names."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or "unknown CPU"

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.accounting import matmul_peak_gflops  # noqa: E402
+from bench.accounting import cpu_model, matmul_peak_gflops  # noqa: E402
 from foundation.embedded_model import EMBEDDED_MODEL  # noqa: E402
 from lightning_modules.precision import PHASES as DTYPE_PHASES  # noqa: E402
 from lightning_modules.precision import choose_dtype, hardware_kind, record_gates  # noqa: E402
@@ -224,12 +224,11 @@ def policy_record(results: dict) -> dict | None:
             "measured_on": [base.get(phase, "demo fit")] + (["demo"] if phase in base else []),
         }
     import datetime as dt
-    import platform
 
     return {
         "model": EMBEDDED_MODEL,
         "hardware": hardware_kind(),
-        "cpu": _cpu_model() or platform.processor(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "measured": dt.date.today().isoformat(),
         "command": "make bench (bench/bench_all.py)",
@@ -241,14 +240,6 @@ def _base_summary(phase: str, gate: dict) -> str:
     if phase == "evaluation":
         return f"base model: {gate['agreement']:.1%} of {gate['examples']} predictions agree"
     return f"base model: SHAP r = {gate['pearson_r']:.4f} over {gate['tweets']} tweets"
-
-
-def _cpu_model() -> str | None:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def _same(row: dict) -> str:

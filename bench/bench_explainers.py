@@ -35,19 +35,11 @@ from analysis.explanation.shap_values import (  # noqa: E402
 )
 from analysis.models import ZERO_SHOT, model_specs  # noqa: E402
 from analysis.settings import EXPLAINERS  # noqa: E402
+from bench.accounting import cpu_model  # noqa: E402
 
 TARGET = 5.0  # issue 14: each perturbation explainer >= 5x faster over the cached value function
 TOLERANCE = 1e-5  # its values equal to the uncached reference's
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def measure(examples: int = 2) -> dict:
