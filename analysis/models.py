@@ -21,6 +21,7 @@ import numpy as np
 
 from analysis.statistics.calibration import CONTENT_FREE_INPUTS, calibrate, content_free_prior
 from foundation.errors import UserInputError
+from foundation.memory import release_free_heap
 
 ZERO_SHOT = "zero_shot"
 CALIBRATED = "zero_shot_calibrated"
@@ -159,3 +160,4 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    release_free_heap()

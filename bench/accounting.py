@@ -20,9 +20,6 @@ assumes every weight is trained and would overstate a frozen-base LoRA step by a
 
 from __future__ import annotations
 
-import ctypes
-import re
-import resource
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -131,50 +128,32 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, trials: int = 5, se
     return best / 1e9
 
 
-# ---- memory -----------------------------------------------------------------------------------------------------
-_STATUS = Path("/proc/self/status")
+# ---- memory: foundation.memory, and a child process's own peak ----------------------------------------------------
+# A child spawned from this process inherits this process's resident high-water mark: Linux carries the peak of the
+# (v)forked image over the exec into the child's `ru_maxrss`, so wait4 would report at least this parent's peak. A small
+# launcher in between (what /usr/bin/time does) starts the measured command from a fresh, small image.
+_LAUNCHER = """
+import os, subprocess, sys
+process = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(process.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
-def _release_free_heap() -> None:
-    """Hand memory freed by an earlier path back to the OS, so it does not count as this path's resident set."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+def run_measured(command: list[str], **popen) -> tuple[int, float, float]:
+    """Run `command` (its argv) in its own process: exit code, its own peak resident set in GiB, seconds."""
+    import subprocess
+    import sys
+    import tempfile
 
-
-class PeakMemory:
-    """Peak resident set size (GiB) of this process while the `with` block ran.
-
-    Linux resets the high-water mark on `echo 5 > /proc/self/clear_refs`; where that is not possible the figure is the
-    process's peak so far (`resettable` is False) and an earlier, larger path can mask a later one.
-    """
-
-    def __init__(self) -> None:
-        self.gib = float("nan")
-        self.resettable = False
-
-    def __enter__(self) -> PeakMemory:
-        _release_free_heap()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.resettable = True
-        except OSError:
-            self.resettable = False
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.gib = peak_rss_gib()
-
-
-def peak_rss_gib() -> float:
-    """The process's resident high-water mark in GiB (since the last reset, where there was one)."""
-    try:
-        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
-    except OSError:
-        match = None
-    kib = int(match.group(1)) if match else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 2**20
+    with tempfile.TemporaryDirectory() as folder:
+        peak = Path(folder) / "peak"
+        start = time.perf_counter()
+        code = subprocess.call([sys.executable, "-c", _LAUNCHER, str(peak), *command], **popen)
+        seconds = time.perf_counter() - start
+        kib = int(peak.read_text()) if peak.is_file() else 0
+    return code, kib / 2**20, seconds  # ru_maxrss is in KiB on Linux
 
 
 def cpu_model() -> str:

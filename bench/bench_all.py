@@ -8,7 +8,9 @@ Per row: rate (examples/s; SHAP: seconds per explained tweet), speed-up over the
 the same fp32 baseline), the issue-15 target and whether it holds (fit >= 30x the original recipe, evaluation >= 8x
 the left-padded generate reference, SHAP >= 15x), achieved GFLOP/s from the positions actually run
 (bench/accounting.py) and its share of the matmul peak of the row's dtype (target >= 60 % for our rows), the peak
-resident memory while the path ran, and a correctness check.
+resident memory while the path ran, and a correctness check. The `memory` phase (bench/bench_memory.py) runs a whole
+experiment twice at the same small sizes, ours and the original script's recipe, each in a fresh process, and prints
+both peaks and their ratio (issue 15: ours <= 25 %).
 
 bf16 gates (`dtype: auto` picks bf16 for a phase only where its gates pass, `lightning_modules/precision.py`):
 - on the base model (bench_eval.py, bench_shap.py): bf16 predictions agree with fp32 on >= 99 % of `--gate-examples`
@@ -18,9 +20,10 @@ bf16 gates (`dtype: auto` picks bf16 for a phase only where its gates pass, `lig
   zero-shot model in both dtypes (>= 99 % equal predictions, r >= 0.99).
 The results go to `assets/dtype_gates.json` for this model and this kind of hardware (`--no-record` leaves it), but
 only from a run at the default gate sizes or larger; the summary then prints the dtype `auto` picks per phase.
-Usage: python bench/bench_all.py [--phases fit,evaluation,shap,gates] [--fit-batches 8] [--eval-examples 128]
+Usage: python bench/bench_all.py [--phases fit,evaluation,shap,gates,memory] [--fit-batches 8] [--eval-examples 128]
        [--gate-examples 500] [--shots 4] [--shap-examples 4] [--max-evals 200] [--gate-train 2000]
-       [--gate-eval 500] [--gate-explain 4] [--no-bf16] [--no-record] [--threads N] [--json P]
+       [--gate-eval 500] [--gate-explain 4] [--memory-train 64] [--memory-eval 64] [--memory-shap 3] [--no-bf16]
+       [--no-record] [--threads N] [--json P]
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,13 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.accounting import cpu_model, matmul_peak_gflops  # noqa: E402
+from bench.accounting import cpu_model, matmul_peak_gflops, run_measured  # noqa: E402
 from foundation.embedded_model import EMBEDDED_MODEL  # noqa: E402
 from lightning_modules.precision import PHASES as DTYPE_PHASES  # noqa: E402
 from lightning_modules.precision import choose_dtype, hardware_kind, record_gates  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PHASES = ("fit", "evaluation", "shap", "gates")
+PHASES = ("fit", "evaluation", "shap", "gates", "memory")
 PEAK_TARGET = 0.6  # issue 15: every phase >= 60 % of the matmul peak of its dtype
 AGREEMENT_GATE = 0.99  # bf16 predictions equal to fp32's
 CORRELATION_GATE = 0.99  # Pearson r of bf16 vs fp32 target-class SHAP values
@@ -60,17 +62,16 @@ def run_phase(script: str, args: list[str], threads: int | None) -> dict:
         out, log = Path(folder) / "result.json", Path(folder) / "stderr.log"
         args = [*args, *(["--threads", str(threads)] if threads else [])]
         print(f"\n$ python bench/{script} {' '.join(args)}", flush=True)
-        start = time.perf_counter()
         with log.open("w") as stderr:
-            process = subprocess.Popen([sys.executable, str(HERE / script), *args, "--json", str(out)], stderr=stderr)
-            _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage, not a maximum over all children
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode:
+            code, peak, seconds = run_measured(
+                [sys.executable, str(HERE / script), *args, "--json", str(out)], stderr=stderr
+            )
+        if code:
             sys.stderr.write(log.read_text()[-5000:])
-            raise SystemExit(f"error: bench/{script} {' '.join(args)} failed with exit code {process.returncode}.")
+            raise SystemExit(f"error: bench/{script} {' '.join(args)} failed with exit code {code}.")
         result = json.loads(out.read_text())
-    result["process_peak_rss_gib"] = usage.ru_maxrss / 2**20  # kB on Linux
-    result["process_seconds"] = time.perf_counter() - start
+    result["process_peak_rss_gib"] = peak  # the child's own, not this process's inherited high-water mark
+    result["process_seconds"] = seconds
     return result
 
 
@@ -201,6 +202,43 @@ def json_row(row: dict) -> dict:
         "peak_gib": row["peak_rss_gib"],
         "check": row["check"],
     }
+
+
+def memory_json_rows(memory: dict | None) -> list[dict]:
+    """The whole-run memory rows (bench_memory.py) in `--json`'s row shape: no rate, a peak and its ratio."""
+    if not memory:
+        return []
+    original = next(row for row in memory["rows"] if row["path"] == "original")["peak_rss_gib"]
+    return [
+        {
+            "phase": "memory",
+            "path": row["path"],
+            "dtype": row["dtype"],
+            "n": memory["sizes"],
+            "rate": None,
+            "unit": None,
+            "speed_up": None,
+            "target": memory["target"] if row["path"] == "ours" else None,
+            "gflops": None,
+            "percent_of_peak": None,
+            "peak_gib": row["peak_rss_gib"],
+            "check": f"{row['peak_rss_gib'] / original:.0%} of the original's peak",
+        }
+        for row in memory["rows"]
+    ]
+
+
+def memory_lines(memory: dict) -> list[str]:
+    sizes = memory["sizes"]
+    rows = {row["path"]: row for row in memory["rows"]}
+    ours, original = rows["ours"], rows["original"]
+    verdict = "meets" if memory["meets_target"] else "misses"
+    return [
+        f"whole-run peak memory (train {sizes['train']} / eval {sizes['eval']} / SHAP {sizes['shap']} tweets, each "
+        f"run in a fresh process, bench_memory.py): ours {ours['peak_rss_gib']:.2f} GiB ({ours['seconds']:.0f} s), "
+        f"the original recipe {original['peak_rss_gib']:.2f} GiB ({original['seconds']:.0f} s): "
+        f"{memory['ratio']:.0%}, {verdict} the target <= {memory['target']:.0%}"
+    ]
 
 
 def policy_record(results: dict) -> dict | None:
@@ -342,6 +380,8 @@ def print_summary(results: dict, peaks: dict, settings: dict, seconds: float) ->
             f"{cached['rate'] / uncached['rate']:.1f}x the examples/s of the same scoring without it; identical "
             f"predictions: {uncached['same_predictions'] == 1.0}"
         )
+    if "memory" in results:
+        print("\n".join(memory_lines(results["memory"])))
     processes = ", ".join(
         f"{name} {result['process_peak_rss_gib']:.2f} GiB"
         for name, result in results.items()
@@ -353,7 +393,9 @@ def print_summary(results: dict, peaks: dict, settings: dict, seconds: float) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of fit,evaluation,shap")
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help="comma-separated subset of fit,evaluation,shap,gates,memory"
+    )
     parser.add_argument("--fit-batches", type=int, default=8, help="fit batches, the first untimed (default 8)")
     parser.add_argument("--fit-batch-size", type=int, default=4, help="fit batch size (default 4)")
     parser.add_argument("--eval-examples", type=int, default=128, help="eval examples timed per path (default 128)")
@@ -368,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-train", type=int, default=2000, help="demo gates: training tweets (default 2000)")
     parser.add_argument("--gate-eval", type=int, default=500, help="demo gates: eval tweets (default 500)")
     parser.add_argument("--gate-explain", type=int, default=4, help="demo gates: tweets explained (default 4)")
+    parser.add_argument("--memory-train", type=int, default=64, help="whole-run memory: training tweets (default 64)")
+    parser.add_argument("--memory-eval", type=int, default=64, help="whole-run memory: eval tweets (default 64)")
+    parser.add_argument("--memory-shap", type=int, default=3, help="whole-run memory: tweets explained (default 3)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows and gates")
     parser.add_argument("--no-record", action="store_true", help="do not record the gates in assets/dtype_gates.json")
     parser.add_argument("--threads", type=int, help="torch CPU threads in every phase (default: torch's choice)")
@@ -411,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     if "gates" in phases and bf16:
         sizes = ["--train", str(args.gate_train), "--eval", str(args.gate_eval), "--explain", str(args.gate_explain)]
         results["dtype_gates"] = run_phase("gate_dtypes.py", sizes, args.threads)
+    if "memory" in phases:
+        sizes = ["--train", str(args.memory_train), "--eval", str(args.memory_eval), "--shap", str(args.memory_shap)]
+        results["memory"] = run_phase("bench_memory.py", sizes, args.threads)
     # The peak again after the phases: a burst of load elsewhere during the first measurement would lower it.
     peaks = {dtype: max(value, again) for (dtype, value), again in zip(peaks.items(), matmul_peaks().values())}
     gates = {}
@@ -439,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "shap": f"SHAP {args.shap_examples} tweets, max_evals {args.max_evals}",
         "gates": f"demo gates: fit {args.gate_train} / eval {args.gate_eval} tweets, {args.gate_explain} explained",
+        "memory": f"whole-run memory: {args.memory_train} / {args.memory_eval} / {args.memory_shap} tweets",
     }
     settings = {
         "load_average": (load_before, os.getloadavg()[0]),
@@ -455,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         why = "--no-record" if args.no_record else "gate sizes below the defaults"
         print(f"gates not recorded in assets/dtype_gates.json ({why})")
     if args.json:
-        rows = [json_row(row) for row in table_rows(results, peaks)]
+        rows = [json_row(row) for row in table_rows(results, peaks)] + memory_json_rows(results.get("memory"))
         args.json.write_text(
             json.dumps({"settings": settings, "matmul_peak_gflops": peaks, "rows": rows, **results}, default=str)
         )

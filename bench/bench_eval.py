@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.configuration import load_run  # noqa: E402
 from analysis.evaluation.run import make_predict_trainer, score_eval_split  # noqa: E402
-from bench.accounting import PeakMemory, WorkCounter  # noqa: E402
+from bench.accounting import WorkCounter  # noqa: E402
 from datamodules import TweetSentimentDataModule  # noqa: E402
+from foundation.memory import PeakMemory  # noqa: E402
 from lightning_modules.scoring import LabelScorer  # noqa: E402
 
 TARGET = 8.0  # issue 15: evaluation >= 8x the reference's examples/s

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.accounting import PeakMemory, WorkCounter  # noqa: E402
+from bench.accounting import WorkCounter  # noqa: E402
 from datamodules import TweetSentimentDataModule  # noqa: E402
 from foundation.embedded_model import EMBEDDED_MODEL  # noqa: E402
+from foundation.memory import PeakMemory  # noqa: E402
 from lightning_modules.backbone import attach_lora, load_causal_lm  # noqa: E402
 from lightning_modules.scoring import logits_at_positions  # noqa: E402
 

@@ -31,9 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.explanation.shap_values import LabelProbabilities, explain_tweet, normalize_tweet, tweet_masker  # noqa: E402
-from bench.accounting import PeakMemory, WorkCounter  # noqa: E402
+from bench.accounting import WorkCounter  # noqa: E402
 from datamodules import TweetSentimentDataModule  # noqa: E402
 from foundation.embedded_model import EMBEDDED_MODEL  # noqa: E402
+from foundation.memory import PeakMemory  # noqa: E402
 from lightning_modules.backbone import load_causal_lm  # noqa: E402
 
 TARGET = 15.0  # issue 15: SHAP >= 15x faster per explained tweet than the original recipe

@@ -17,6 +17,7 @@ bench/bench_shap_prefix_sharing.py); on unrelated prompts it saves only the pads
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -95,6 +96,40 @@ def label_logits_from_embeddings(
     return _head_logits(causal_lm, outputs.last_hidden_state[:, -1], label_ids)
 
 
+def prefix_states(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """A cache holding a fixed prefix's (keys, values) per layer for one scoring forward, which never grows it.
+
+    transformers' `DynamicCache` copies the prefix into each layer when built (an expanded view becomes batch x
+    prefix states) and keeps every layer's prefix + new states until the forward ends: for a k-shot prompt in batches
+    of 16, hundreds of megabytes at once. Here the prefix stays as given (views of one copy), a layer's concatenation
+    lives only while that layer attends, and the forward's own new states are kept per layer (`new_keys`,
+    `new_values`) for a prefix tree to remember. Attention sees the same keys in the same order, so the scores are
+    those of a `DynamicCache` bit for bit.
+    """
+    from transformers.cache_utils import Cache
+
+    layer_class = _prefix_layer_class()
+    return Cache(layers=[layer_class(k, v) for k, v in layers])
+
+
+@functools.cache
+def _prefix_layer_class():
+    """`prefix_states`' layer (built on first use: transformers loads only when a model does)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+            self.new_keys = self.new_values = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            self.new_keys, self.new_values = key_states, value_states
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return PrefixLayer
+
+
 @dataclass
 class LabelScores:
     """Per-example scores at the label position; arrays in the order the prompts were given."""
@@ -105,12 +140,18 @@ class LabelScores:
     top_token_is_label: np.ndarray | None  # (n,) bool: the unconstrained arg-max is a label token
 
 
+# Remembered tweet prefixes per model during one tweet's explanation. Each costs 2 x layers x kv width floats plus one
+# hidden state (48 KB in fp32 for SmolLM2-135M). On the demo's tweets at max_evals 200 (3 tweets, 2 models, analyze.py):
+# 4096 -> peak 1.68 GiB, 83 s; 2048 -> 1.52 GiB, 85 s; 1024 -> 1.43 GiB, 92 s; none -> 1.34 GiB, 101 s.
+REMEMBERED_PREFIXES = 2048
+
+
 class PrefixCache:
     """Key/value states of the instruction prefix shared by every prompt, computed once per model state.
 
     Inside `with cache.remembering():` (or with `max_remembered > 0`), a `prefix_tree` `LabelScorer` also
     keeps here the continuation prefixes it computes (their key/value states and final hidden states), and later
-    calls reuse them: the explainer asks for masked variants of the same tweet round after round (about 2,000
+    calls reuse them: the explainer asks for masked variants of the same tweet round after round (about 2,000-4,000
     distinct prefixes per tweet at max_evals 200). Past `max_remembered` it forgets them all and starts over.
     A reused state equals a recomputed one up to float rounding only, so scores then depend, in their last bits, on
     what ran before: scope the remembering to one independent job (one tweet's explanation) to keep runs
@@ -132,17 +173,13 @@ class PrefixCache:
         self.forget()
 
     def for_batch(self, batch_size: int):
-        from transformers import DynamicCache
-
-        # expand() is a view; the cache concatenates new keys onto it, so the shared prefix is never copied in place.
-        return DynamicCache(
-            ddp_cache_data=[
-                (k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self.layers
-            ]
+        """The instruction's states for a forward of `batch_size` rows: views, copied per row one layer at a time."""
+        return prefix_states(
+            [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self.layers]
         )
 
     @contextlib.contextmanager
-    def remembering(self, max_remembered: int = 4096) -> Iterator[PrefixCache]:
+    def remembering(self, max_remembered: int = REMEMBERED_PREFIXES) -> Iterator[PrefixCache]:
         """Remember computed continuation prefixes inside the block only; forgotten on entry and on exit."""
         self.forget()
         previous, self.max_remembered = self.max_remembered, max_remembered
@@ -285,8 +322,6 @@ def tree_logits(
     nodes, each attending to the instruction and its own ancestors at its own position; then the cache remembers
     them (if it keeps any).
     """
-    from transformers import DynamicCache
-
     causal_lm = _causal_lm(model)
     decoder = causal_lm.get_decoder()
     device = _device_of(model)
@@ -302,7 +337,7 @@ def tree_logits(
         input_ids = torch.tensor([[tree.prefixes[node][-1] for node in new]], dtype=torch.long, device=device)
         embeddings = decoder.get_input_embeddings()(input_ids)
         positions = [[cached + len(tree.prefixes[node]) - 1 for node in new]]
-        past = DynamicCache(ddp_cache_data=prefix_cache.recall(known_slots)) if prefix_cache else None
+        past = prefix_states(prefix_cache.recall(known_slots)) if prefix_cache else None
         with tree_attention(causal_lm.config):
             outputs = decoder(
                 inputs_embeds=embeddings,
@@ -313,8 +348,7 @@ def tree_logits(
             )
         hidden.append(outputs.last_hidden_state[0])
         if prefix_cache and prefix_cache.max_remembered:
-            start = cached + len(known)
-            states = [(layer.keys[:, :, start:], layer.values[:, :, start:]) for layer in past.layers]
+            states = [(layer.new_keys, layer.new_values) for layer in past.layers]
             prefix_cache.remember([tree.prefixes[node] for node in new], states, hidden[-1])
     row = {node: k for k, node in enumerate(known + new)}  # the rows of torch.cat(hidden)
     ends = torch.tensor([row[node] for node in tree.ends], dtype=torch.long, device=device)

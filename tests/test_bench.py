@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.accounting import PeakMemory, Work, WorkCounter, matmul_peak_gflops
+from bench.accounting import Work, WorkCounter, matmul_peak_gflops
 from bench.bench_all import (
     format_table,
     json_row,
@@ -16,6 +16,7 @@ from bench.bench_all import (
     table_rows,
 )
 from bench.gate_dtypes import evaluation_gate, explain_gate, fit_gate
+from foundation.memory import PeakMemory
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +224,36 @@ def test_policy_record_passes_a_phase_only_where_every_gate_of_it_passed():
         "explain": False,  # the base model's SHAP gate failed
     }
     assert policy_record({"gates": {"evaluation": passed}}) is None  # not every gate measured
+
+
+def test_whole_run_peak_is_each_child_process_own():
+    """bench_memory.py compares two runs by their own processes' peaks: a small child after a large one reads small
+    (not the maximum over every child so far, as RUSAGE_CHILDREN would)."""
+    from bench.bench_memory import peak_of
+
+    allocate = "import numpy as np; a = np.ones({} * 2**20 // 8); print(a.sum())"
+    large, _ = peak_of(["-c", allocate.format(400)], threads=None)
+    small, _ = peak_of(["-c", allocate.format(10)], threads=None)
+    assert large > 0.39  # 400 MiB of touched float64s
+    assert small < large - 0.3
+
+
+def test_memory_rows_carry_each_peak_and_its_ratio_to_the_original():
+    from bench.bench_all import memory_json_rows, memory_lines
+
+    memory = {
+        "sizes": {"train": 64, "eval": 64, "shap": 3, "max_evals": 200},
+        "rows": [
+            {"path": "ours", "dtype": "auto", "peak_rss_gib": 1.5, "seconds": 100.0},
+            {"path": "original", "dtype": "float32", "peak_rss_gib": 6.0, "seconds": 400.0},
+        ],
+        "ratio": 0.25,
+        "target": 0.25,
+        "meets_target": True,
+    }
+    rows = memory_json_rows(memory)
+    assert [(row["path"], row["peak_gib"], row["check"]) for row in rows] == [
+        ("ours", 1.5, "25% of the original's peak"),
+        ("original", 6.0, "100% of the original's peak"),
+    ]
+    assert "ours 1.50 GiB" in memory_lines(memory)[0] and "meets the target <= 25%" in memory_lines(memory)[0]

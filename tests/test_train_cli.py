@@ -100,3 +100,19 @@ def test_unwritable_output_folder_is_reported(tmp_path):
     result = run_train("fit", "--config", "configs/embedded.yaml", "--trainer.default_root_dir", target)
     assert result.returncode == 2
     assert "Cannot write to the output folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_loaded_run_is_freed_once_dropped(trained):
+    """What a finished phase loaded goes when its result does: jsonargparse keeps the last parser in a context
+    variable, and through it the CLI and the model; `load_run` (and `fit`) must not let that outlive the call, or a
+    fit's model stays resident through the evaluation and an evaluation's through the explanation."""
+    import gc
+    import weakref
+
+    from analysis.configuration import load_run
+
+    run = load_run(["--config", str(trained["config"])])
+    model = weakref.ref(run.module)
+    del run
+    gc.collect()
+    assert model() is None
