@@ -141,7 +141,7 @@ class LabelScores:
 
 
 # Remembered tweet prefixes per model during one tweet's explanation. Each costs 2 x layers x kv width floats plus one
-# hidden state (48 KB in fp32 for SmolLM2-135M). On the demo's tweets at max_evals 200 (3 tweets, 2 models, analyze.py):
+# hidden state (48 KB in fp32 for SmolLM2-135M). analyze.py on 3 embedded eval tweets, both models, max_evals 200:
 # 4096 -> peak 1.68 GiB, 83 s; 2048 -> 1.52 GiB, 85 s; 1024 -> 1.43 GiB, 92 s; none -> 1.34 GiB, 101 s.
 REMEMBERED_PREFIXES = 2048
 
