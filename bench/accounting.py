@@ -20,6 +20,9 @@ assumes every weight is trained and would overstate a frozen-base LoRA step by a
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -143,10 +146,6 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def run_measured(command: list[str], **popen) -> tuple[int, float, float]:
     """Run `command` (its argv) in its own process: exit code, its own peak resident set in GiB, seconds."""
-    import subprocess
-    import sys
-    import tempfile
-
     with tempfile.TemporaryDirectory() as folder:
         peak = Path(folder) / "peak"
         start = time.perf_counter()
