@@ -72,7 +72,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 def analyze_main(argv: Sequence[str] | None = None) -> int:
     """SHAP explanations of baselines and the fine-tuned model on the first N eval tweets, with statistics."""
-    from analysis.explanation.run import check_explanation, run_analysis
+    from analysis.explanation.checks import check_explanation
+    from analysis.explanation.run import run_analysis
     from analysis.report.tables import analysis_summary
 
     arguments = translate_aliases(sys.argv[1:] if argv is None else argv, ANALYZE_ALIASES)

@@ -1,6 +1,7 @@
 """Resident memory: hand freed heap back to the OS, and the process's peak resident set over a stretch of work.
 
-Used by the experiment (per-phase peaks in `run.json`, memory released between phases) and by the benchmarks.
+Used by the experiment (the high-water mark after each phase in `run.json`, memory released between phases) and by
+the benchmarks (`PeakMemory` resets the mark, so it is only for processes that measure nothing else).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import re
 import resource
+import sys
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -31,8 +33,10 @@ def peak_rss_gib() -> float:
         match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
     except OSError:
         match = None
-    kib = int(match.group(1)) if match else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 2**20
+    if match:
+        return int(match.group(1)) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB elsewhere
 
 
 class PeakMemory:

@@ -76,7 +76,8 @@ def plain_forward(model, encoder: PromptEncoder, texts) -> np.ndarray:
 def analyze(trained: dict, output_dir: Path, log=lambda message: None, after_example=None, **options):
     """scripts/analyze.py's parsing and run, in this process; `options` are `explain`/`compare` settings."""
     from analysis.configuration import load_run
-    from analysis.explanation.run import check_explanation, run_analysis
+    from analysis.explanation.checks import check_explanation
+    from analysis.explanation.run import run_analysis
 
     options = {"example_count": 3, "max_evals": 40, "n_resamples": 50, "adapter": str(trained["adapter"]), **options}
     arguments = ["--config", str(trained["config"]), "--explain.output_dir", str(output_dir)]
@@ -580,7 +581,8 @@ def test_bad_input_is_one_error_line(trained, tmp_path, capsys):
 @pytest.mark.slow
 def test_embedded_model_end_to_end(tmp_path):
     from analysis.configuration import load_run
-    from analysis.explanation.run import check_explanation, run_analysis
+    from analysis.explanation.checks import check_explanation
+    from analysis.explanation.run import run_analysis
     from lightning_modules.export_adapter import write_adapter
 
     config = ["--config", "configs/embedded.yaml"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -259,10 +261,13 @@ def test_headline_metrics_are_in_tensorboard(user_run):
     pair = user_run["comparison.json"]["comparisons"]["fine_tuned_vs_k_shot"]
     (difference,) = events.Scalars("fine_tuned_vs_k_shot/accuracy_difference")
     assert difference.value == pytest.approx(pair["differences"]["accuracy"]["difference"])
-    images = tensorboard_events(user_run["folder"] / "tensorboard").Tags()["images"]
-    assert {"evaluation/confusion_matrices", "evaluation/metrics_comparison", "evaluation/reliability_diagram"} <= set(
-        images
-    )
+    events = tensorboard_events(user_run["folder"] / "tensorboard")
+    for figure in ("confusion_matrices", "metrics_comparison", "reliability_diagram"):
+        (image,) = events.Images(f"evaluation/{figure}")
+        png = (user_run["folder"] / f"{figure}.png").read_bytes()
+        assert image.encoded_image_string == png  # the figure the folder holds, byte for byte
+        decoded = PIL.Image.open(io.BytesIO(png))
+        assert (image.width, image.height) == decoded.size
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import yaml
 from analysis.commands import experiment_aliases, parse_experiment_options
 from analysis.commands import experiment_main as main
 from analysis.provenance.badge import BADGE_ASSET, BADGE_ID, install_badge
-from analysis.provenance.manifest import examples_fingerprint, without_secrets
+from analysis.provenance.manifest import PhaseTimer, examples_fingerprint, without_secrets
 from analysis.report.page import render_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +236,22 @@ def test_badge_asset_is_found_from_any_working_directory(tmp_path, pythonpath):
     )
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == ROOT / "assets" / "badges" / "quantum_identity_badge.svg"
+
+
+def test_each_phase_records_the_resident_high_water_mark_it_reached():
+    """A phase that touches 128 MiB leaves the mark at least 128 MiB above the resident set before it; a later phase
+    that allocates nothing still reports it (the mark is the process's, never reset)."""
+    timer = PhaseTimer()
+    status = Path("/proc/self/status").read_text()
+    before = int(status.split("VmRSS:")[1].split()[0]) / 2**20  # GiB, read by hand
+    with timer.phase("allocate"):
+        block = np.ones(128 * 2**20 // 8)
+        block[::512] = 2.0  # every page touched
+        del block
+    with timer.phase("idle"):
+        pass
+    assert timer.peak_rss_gib["allocate"] >= before + 0.12  # 0.125 GiB, less the rounding to 0.001 GiB
+    assert timer.peak_rss_gib["idle"] >= timer.peak_rss_gib["allocate"]
 
 
 def test_secrets_are_removed_from_recorded_configs():
@@ -457,6 +473,10 @@ def test_embedded_run_manifest(embedded_run):
     assert {"train", "evaluate", "explain", "report", "total"} <= set(phases)
     assert all(seconds >= 0 for seconds in phases.values())
     assert phases["total"] >= phases["train"] + phases["evaluate"] + phases["explain"]
+    # The run's resident high-water mark after each phase: never reset, so it only grows; a model was resident.
+    peaks = manifest["peak_rss_gib"]
+    assert list(peaks) == ["train", "evaluate", "explain", "report"]
+    assert 0.25 < peaks["train"] <= peaks["evaluate"] <= peaks["explain"] <= peaks["report"]
 
     # The fingerprints are of the data actually used: recomputed here from what the run wrote and loaded.
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

@@ -209,7 +209,7 @@ def seed_config(config: dict, seed_index: int, folder: Path) -> dict:
 
 def check_options(options: ExperimentOptions, config: dict) -> None:
     """The options that can be wrong, checked before anything is written: the same checks as the separate commands."""
-    from analysis.explanation.run import check_explain_options
+    from analysis.explanation.checks import check_explain_options
 
     if options.seeds < 1:
         raise UserInputError(f"--seeds must be at least 1 (the number of fine-tuned adapters), got {options.seeds}.")
@@ -513,6 +513,9 @@ class ExperimentRun:
             "packages": package_versions(),
             "git": git_commit(PROJECT_ROOT),
             "phase_seconds": {},
+            # per phase: this process's resident high-water mark when the phase ended (the phase that raised it
+            # holds the run's peak; a resumed run keeps the figures of the phases an earlier process finished)
+            "peak_rss_gib": {},
             "dtypes": {},  # per phase: the dtype its model computed in, and why
             "phases_done": [],
             "summaries": {},  # the summary lines of each finished phase, printed again when a resumed run ends
@@ -523,6 +526,7 @@ class ExperimentRun:
         self.produced = [CONFIG_FILE, MANIFEST_FILE]
         self.resuming = previous is not None
         self.earlier_seconds: dict[str, float] = {}
+        self.earlier_peaks: dict[str, float] = {}
         if previous is not None:
             for key in ("lightning_config", "data", "phases_done", "summaries", "attempts", "dtypes"):
                 self.manifest[key] = previous.get(key, self.manifest[key])
@@ -530,6 +534,9 @@ class ExperimentRun:
             self.produced += previous.get("outputs", [])
             self.earlier_seconds = {
                 k: v for k, v in previous.get("phase_seconds", {}).items() if k in self.manifest["phases_done"]
+            }
+            self.earlier_peaks = {
+                k: v for k, v in previous.get("peak_rss_gib", {}).items() if k in self.manifest["phases_done"]
             }
         self.manifest["attempts"].append({"started_at_utc": started, "status": "running"})
         # Training seeds 1 .. K-1, each a complete run of its own in seeds/seed_<k>/ (seed 0 is this folder).
@@ -568,6 +575,7 @@ class ExperimentRun:
         seconds = self.timer.summary()
         total = seconds.pop("total") + sum(self.earlier_seconds.values())
         self.manifest["phase_seconds"] = {**self.earlier_seconds, **seconds, "total": round(total, 3)}
+        self.manifest["peak_rss_gib"] = {**self.earlier_peaks, **self.timer.peak_rss_gib}
         self.manifest["outputs"] = sorted(set(self.produced))
         write_json_atomic(self.folder / MANIFEST_FILE, without_secrets(self.manifest, self.secrets))
 
@@ -642,7 +650,8 @@ class ExperimentRun:
     def explain(self) -> None:
         from analysis.configuration import load_run
         from analysis.evaluation.run import show_in_notebook
-        from analysis.explanation.run import check_explanation, run_analysis
+        from analysis.explanation.checks import check_explanation
+        from analysis.explanation.run import run_analysis
         from analysis.report.tables import analysis_summary
 
         if not self.done("explain"):

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from foundation.memory import peak_rss_gib
+
 PACKAGES = (
     "lora-explain",
     "torch",
@@ -140,10 +142,16 @@ def without_secrets(value, secrets: Iterable[str] = ()):
 
 
 class PhaseTimer:
-    """Wall-clock seconds per named phase, in the order they ran."""
+    """Wall-clock seconds per named phase, in the order they ran, and the process's resident high-water mark (GiB)
+    when each ended.
+
+    The mark is never reset (resetting it would also hide the earlier peak from `/usr/bin/time` and from a parent's
+    `wait4`), so a phase's figure is the process's peak so far: the phase that raised it holds the run's peak.
+    """
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.peak_rss_gib: dict[str, float] = {}
         self._start = time.perf_counter()
 
     @contextmanager
@@ -153,6 +161,7 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
+            self.peak_rss_gib[name] = round(peak_rss_gib(), 3)
 
     def summary(self) -> dict[str, float]:
         return {**self.seconds, "total": round(time.perf_counter() - self._start, 3)}

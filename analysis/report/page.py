@@ -571,12 +571,16 @@ def _timings_section(manifest: dict | None) -> str:
     if not manifest:
         return ""
     phases = manifest.get("phase_seconds") or {}
-    rows = [[escape(name), format_number(float(seconds))] for name, seconds in phases.items()]
+    peaks = manifest.get("peak_rss_gib") or {}
+    rows = [
+        [escape(name), format_number(float(seconds)), format_number(peaks[name]) if name in peaks else "—"]
+        for name, seconds in phases.items()
+    ]
     versions = manifest.get("packages") or {}
     version_rows = [[escape(name), escape(str(version))] for name, version in versions.items()]
     return (
         '<section id="run"><h2>Run</h2>'
-        + _table(["phase", "seconds"], rows)
+        + _table(["phase", "seconds", "peak resident GiB so far"], rows)
         + "<details><summary>package versions</summary>"
         + _table(["package", "version"], version_rows, numeric_from=2)
         + "</details></section>"

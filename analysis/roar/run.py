@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
+from analysis.explanation.checks import check_method_options
 from analysis.explanation.methods import AttributionMethods
 from analysis.explanation.progress import ProgressStore, ShardAssignment
 from analysis.explanation.run import (
     ExplainedTweets,
     RunNotes,
     adapter_digest,
-    check_method_options,
     tweet_budget,
 )
 from analysis.explanation.shap_values import mask_tweet, model_value_functions, tweet_masker
