@@ -24,6 +24,7 @@ def write_tensorboard(
         for tag, value in (scalars or {}).items():
             writer.add_scalar(tag, value, 0)
         for tag, path in (figures or {}).items():
+            # SummaryWriter has no public call for an already encoded image; its file writer takes the summary as is.
             writer._get_file_writer().add_summary(png_summary(tag, Path(path).read_bytes()), 0)
         for tag, lines in (tables or {}).items():
             writer.add_text(tag, "\n".join(lines), 0)
