@@ -525,18 +525,16 @@ class ExperimentRun:
         }
         self.produced = [CONFIG_FILE, MANIFEST_FILE]
         self.resuming = previous is not None
-        self.earlier_seconds: dict[str, float] = {}
-        self.earlier_peaks: dict[str, float] = {}
+        # per-phase figures of the phases an earlier process finished: "phase_seconds" and "peak_rss_gib"
+        self.earlier: dict[str, dict[str, float]] = {"phase_seconds": {}, "peak_rss_gib": {}}
         if previous is not None:
             for key in ("lightning_config", "data", "phases_done", "summaries", "attempts", "dtypes"):
                 self.manifest[key] = previous.get(key, self.manifest[key])
             self.manifest["started_at_utc"] = previous.get("started_at_utc", started)
             self.produced += previous.get("outputs", [])
-            self.earlier_seconds = {
-                k: v for k, v in previous.get("phase_seconds", {}).items() if k in self.manifest["phases_done"]
-            }
-            self.earlier_peaks = {
-                k: v for k, v in previous.get("peak_rss_gib", {}).items() if k in self.manifest["phases_done"]
+            self.earlier = {
+                key: {k: v for k, v in previous.get(key, {}).items() if k in self.manifest["phases_done"]}
+                for key in self.earlier
             }
         self.manifest["attempts"].append({"started_at_utc": started, "status": "running"})
         # Training seeds 1 .. K-1, each a complete run of its own in seeds/seed_<k>/ (seed 0 is this folder).
@@ -573,9 +571,9 @@ class ExperimentRun:
         self.manifest["status"] = status
         self.manifest["attempts"][-1]["status"] = status
         seconds = self.timer.summary()
-        total = seconds.pop("total") + sum(self.earlier_seconds.values())
-        self.manifest["phase_seconds"] = {**self.earlier_seconds, **seconds, "total": round(total, 3)}
-        self.manifest["peak_rss_gib"] = {**self.earlier_peaks, **self.timer.peak_rss_gib}
+        total = seconds.pop("total") + sum(self.earlier["phase_seconds"].values())
+        self.manifest["phase_seconds"] = {**self.earlier["phase_seconds"], **seconds, "total": round(total, 3)}
+        self.manifest["peak_rss_gib"] = {**self.earlier["peak_rss_gib"], **self.timer.peak_rss_gib}
         self.manifest["outputs"] = sorted(set(self.produced))
         write_json_atomic(self.folder / MANIFEST_FILE, without_secrets(self.manifest, self.secrets))
 
