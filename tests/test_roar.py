@@ -1,9 +1,10 @@
 """ROAR on the tiny model: the removed words are exactly the top-ranked ones by leave-one-out computed with plain
 forwards, the random control removes as many, every condition retrains with the run's recipe, and the three files
-hold what the retrained adapters score."""
+hold what the retrained adapters score, as does the report page."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ import yaml
 from analysis.roar.removal import keep_mask, random_removal, ranked_removal, removal_count
 from datamodules.prompts import PromptEncoder
 from foundation.output_names import (
+    REPORT_FILE,
     ROAR_COMPARISON_PLOT,
     ROAR_DATA_DIR,
     ROAR_METRICS_FILE,
@@ -156,3 +158,26 @@ def test_a_rerun_refits_nothing(ran, trained):
     assert again.complete
     assert all(f"ROAR {name}: retrained before, kept" in logged for name in CONDITIONS)
     assert stamps == {name: (out / ROAR_RUNS_DIR / name / "result.json").stat().st_mtime_ns for name in CONDITIONS}
+
+
+def test_the_report_shows_every_condition_and_the_learning_check(ran, tmp_path):
+    from tests.test_report_browser import CHROMIUM, open_in_chromium, visible_text
+
+    out, result = ran
+    assert out / REPORT_FILE in result.files
+    page = (out / REPORT_FILE).read_text()
+    text = visible_text(open_in_chromium(out / REPORT_FILE, tmp_path / "profile")[0] if CHROMIUM else page)
+    metrics = json.loads((out / ROAR_METRICS_FILE).read_text())["conditions"]
+    results = json.loads((out / ROAR_RESULTS_FILE).read_text())
+    for name in CONDITIONS:
+        row, ci = metrics[name], metrics[name]["confidence_intervals"]
+        for key in ("accuracy", "macro_f1"):
+            assert f"{row[key]:.4f} [{ci[key]['low']:.4f}, {ci[key]['high']:.4f}]" in text, (name, key)
+    versus = results["explainers"]["occlusion"]["50"]
+    d = versus["vs_random"]["accuracy"]
+    assert f"{d['difference']:.4f} [{d['ci_low']:.4f}, {d['ci_high']:.4f}]" in text
+    assert versus["verdict"] in text
+    assert ("the recipe has not learned the task" in text) != results["learning_check"]["learned"]
+    plot = base64.b64encode((out / ROAR_COMPARISON_PLOT).read_bytes()).decode()
+    assert page.count(f'src="data:image/png;base64,{plot}"') == 1  # the curves, once, in the ROAR section
+    assert "<script" not in page

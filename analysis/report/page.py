@@ -27,6 +27,9 @@ from foundation.output_names import (
     METRICS_PLOT,
     RELIABILITY_PLOT,
     REPORT_FILE,
+    ROAR_COMPARISON_PLOT,
+    ROAR_METRICS_FILE,
+    ROAR_RESULTS_FILE,
     SEED_METRICS_FILE,
     XAI_PROPERTIES_FILE,
     metrics_file,
@@ -277,19 +280,22 @@ def _comparison_section(comparison: dict | None) -> str:
     return "\n".join(parts)
 
 
+def _figure(folder: Path, name: str, caption: str) -> str:
+    return (
+        f'<figure><img src="{_data_uri(folder / name, "image/png")}" alt="{escape(caption)}">'
+        f'<figcaption>{escape(caption)} (<a href="{escape(name)}">{escape(name)}</a>)</figcaption></figure>'
+    )
+
+
 def _figures_section(folder: Path, names: Collection[str]) -> str:
     known = dict(FIGURES)
     pngs = [name for name, _ in FIGURES if name in names]
-    pngs += sorted(name for name in names if name.endswith(".png") and name not in known)
+    shown_elsewhere = {*known, ROAR_COMPARISON_PLOT}  # the ROAR curves sit beside their table
+    pngs += sorted(name for name in names if name.endswith(".png") and name not in shown_elsewhere)
     if not pngs:
         return ""
     parts = ['<section id="figures"><h2>Figures</h2>']
-    for name in pngs:
-        caption = known.get(name, name)
-        parts.append(
-            f'<figure><img src="{_data_uri(folder / name, "image/png")}" alt="{escape(caption)}">'
-            f'<figcaption>{escape(caption)} (<a href="{escape(name)}">{escape(name)}</a>)</figcaption></figure>'
-        )
+    parts += [_figure(folder, name, known.get(name, name)) for name in pngs]
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -567,6 +573,74 @@ def _faithfulness(faithfulness: dict | None, models: Sequence[str], names: dict)
     return "<h3>Faithfulness (AOPC)</h3>" + _table(["model: mode", "SHAP order", "random order"], rows)
 
 
+def _difference_cell(difference: dict | None) -> str:
+    difference = difference or {}
+    return format_number(difference.get("difference")) + _interval(difference.get("ci_low"), difference.get("ci_high"))
+
+
+def _roar_section(metrics: dict | None, analysis: dict | None, folder: Path, names: Collection[str]) -> str:
+    """ROAR: every retrained condition's scores, each explainer's drop against random removal of the same share, the
+    learning check that says whether those drops can mean anything, and the curves."""
+    conditions = (metrics or {}).get("conditions") or {}
+    if not conditions:
+        return ""
+    analysis = analysis or {}
+    source = metrics.get("source") or {}
+    by_condition = {
+        row.get("condition"): row for shares in (analysis.get("explainers") or {}).values() for row in shares.values()
+    }
+    rows = []
+    for name, row in conditions.items():
+        ci = row.get("confidence_intervals") or {}
+        removed = row.get("removed_share") or {}
+        versus = by_condition.get(name) or {}
+        against = versus.get("vs_random") or {}
+        rows.append(
+            [
+                escape(name),
+                escape(str(versus.get("verdict", ""))),
+                " / ".join(f"{100 * removed[s]:.0f} %" if s in removed else "n/a" for s in ("train", "test")),
+                *(
+                    format_number(row.get(key))
+                    + _interval((ci.get(key) or {}).get("low"), (ci.get(key) or {}).get("high"))
+                    for key in ("accuracy", "macro_f1")
+                ),
+                *((_difference_cell(against.get(key)) for key in ("accuracy", "macro_f1")) if versus else ("", "")),
+                format_p(against.get("mcnemar_p_value")) if versus else "",
+            ]
+        )
+    first = next(iter(conditions.values()))
+    model = model_display_name(str(source.get("explained_model", "")))
+    explainers = ", ".join(str(e) for e in source.get("explainers") or [])
+    parts = [
+        '<section id="roar"><h2>ROAR: remove and retrain</h2>',
+        f"<p>The {escape(model)} model explained every tweet with {escape(explainers)} at its "
+        f"{escape(str(source.get('target')))} class; each condition removes that share of each tweet's words of "
+        f"largest |attribution| (<code>random</code>: as many chosen at random; <code>none</code>: nothing) from the "
+        f"{format_number(first.get('n_train'))} training and {format_number(first.get('n_eval'))} evaluation tweets, "
+        "retrains a fresh LoRA adapter with the run's recipe and seed and scores it. 95 % bootstrap intervals over the "
+        "evaluation tweets in brackets; one training seed, so they do not include the retraining noise (files: "
+        f'<a href="{ROAR_METRICS_FILE}">{ROAR_METRICS_FILE}</a>, '
+        f'<a href="{ROAR_RESULTS_FILE}">{ROAR_RESULTS_FILE}</a>).</p>',
+    ]
+    check = analysis.get("learning_check") or {}
+    if check and not check.get("learned"):
+        parts.append(
+            f'<p class="note">Warning: retrained on the unchanged tweets (<code>none</code>) the adapter reaches '
+            f"accuracy {format_number(check.get('none_accuracy'))} (CI low {format_number(check.get('none_ci_low'))}), "
+            f"not above the most frequent class's share of the evaluation tweets "
+            f"({format_number(check.get('majority_share'))}): the recipe has not learned the task at these sizes, so "
+            "the differences below measure noise, not the explainer.</p>"
+        )
+    header = ["condition", "verdict", "words removed (train / eval)", "accuracy", "macro-F1"]
+    header += ["vs random: accuracy", "vs random: macro-F1", "McNemar p (vs random)"]
+    parts.append(_table(header, rows, numeric_from=2))
+    if ROAR_COMPARISON_PLOT in names:
+        parts.append(_figure(folder, ROAR_COMPARISON_PLOT, "ROAR: accuracy and macro-F1 against the share removed"))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
 def _timings_section(manifest: dict | None) -> str:
     if not manifest:
         return ""
@@ -619,6 +693,7 @@ def render_report(folder: str | Path, names: Collection[str] | None = None, badg
         "explanations": _explanations_section(
             load(INTERPRETABILITY_FILE), explanations_page, load(XAI_PROPERTIES_FILE)
         ),
+        "roar": _roar_section(load(ROAR_METRICS_FILE), load(ROAR_RESULTS_FILE), folder, names),
         "run": _timings_section(manifest),
         "files": _files_section(folder, names),
     }

@@ -12,7 +12,8 @@
    `DIR/roar_runs/<condition>/` (adapter, TensorBoard log, `last.ckpt`: a killed fit resumes from it), and score its
    evaluation rows; a finished condition is kept in `result.json` and not refitted.
 4. **Compare**: accuracy and macro-F1 per condition with bootstrap CIs; per explainer and share, the difference to
-   the random control of the same share and to `none`, paired over the evaluation tweets (bootstrap CI, McNemar).
+   the random control of the same share and to `none`, paired over the evaluation tweets (bootstrap CI, McNemar);
+   `report.html` over the folder shows them with the learning check and the curves.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from analysis.explanation.run import (
 )
 from analysis.explanation.shap_values import mask_tweet, model_value_functions, tweet_masker
 from analysis.models import FINE_TUNED, ZERO_SHOT, display_name, model_specs, release_memory, to_device
+from analysis.report.page import write_report
 from analysis.report.plots import plot_roar
 from analysis.report.tensorboard import write_tensorboard
 from analysis.roar.removal import keep_mask, random_removal, ranked_removal
@@ -51,6 +53,7 @@ from foundation.errors import UserInputError
 from foundation.output_folder import check_output_dir, require_output_dir
 from foundation.output_names import (
     ADAPTER_DIR,
+    BADGE_FILE,
     CHECKPOINT_DIR,
     CONFIG_FILE,
     PROGRESS_DIR,
@@ -535,6 +538,8 @@ def run_roar(
     scalars = {f"roar/{name}/{metric}": row[metric] for name, row in metrics.items() for metric in COMPARED}
     figures = {"roar/comparison": plan.folder / ROAR_COMPARISON_PLOT}
     write_tensorboard(plan.folder / TENSORBOARD_DIR, scalars, figures, {"roar/summary": summary})
+    # Over every file in the folder: written beside a run's outputs, that run's page (and its badge) gains ROAR.
+    files.append(write_report(plan.folder, badge_svg=plan.folder / BADGE_FILE))
     return RoarResult(
         plan.folder, list(notes), metrics=metrics_file, analysis=analysis_file, files=files, summary=summary
     )
