@@ -125,11 +125,11 @@ def _resolve_dtype(config, phase: str):
     requested = config.model.get("dtype") or "auto"
     if requested != "auto" and requested not in DTYPE_NAMES:
         raise UserInputError(f"Unknown --model.dtype '{requested}'; use auto, {', '.join(DTYPE_NAMES)}.")
-    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
     choice = choose_dtype(requested, config.model.model_name, phase)
     config.model.dtype = choice.dtype
-    rank_zero_info(f"{phase} computes in {choice.dtype}: {choice.reason}")
+    (rank_zero_warn if choice.emulated else rank_zero_info)(f"{phase} computes in {choice.dtype}: {choice.reason}")
     return choice
 
 

@@ -20,10 +20,13 @@ bf16 gates (`dtype: auto` picks bf16 for a phase only where its gates pass, `lig
   zero-shot model in both dtypes (>= 99 % equal predictions, r >= 0.99).
 The results go to `assets/dtype_gates.json` for this model and this kind of hardware (`--no-record` leaves it), but
 only from a run at the default gate sizes or larger; the summary then prints the dtype `auto` picks per phase.
+On a machine without native bf16 (a CPU without avx512_bf16 or AMX) the bf16 rows and gates are skipped and the
+summary says why: torch emulates bf16 there (the demo-sized bf16 fit alone would take hours) and `auto` picks fp32
+whatever a gate says. `--emulated-bf16` measures them anyway.
 Usage: python bench/bench_all.py [--phases fit,evaluation,shap,gates,memory] [--fit-batches 8] [--eval-examples 128]
        [--gate-examples 500] [--shots 4] [--shap-examples 4] [--max-evals 200] [--gate-train 2000]
        [--gate-eval 500] [--gate-explain 4] [--memory-train 64] [--memory-eval 64] [--memory-shap 3] [--no-bf16]
-       [--no-record] [--threads N] [--json P]
+       [--emulated-bf16] [--no-record] [--threads N] [--json P]
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.accounting import cpu_model, matmul_peak_gflops, run_measured  # noqa: E402
 from foundation.embedded_model import EMBEDDED_MODEL  # noqa: E402
 from lightning_modules.precision import PHASES as DTYPE_PHASES  # noqa: E402
-from lightning_modules.precision import choose_dtype, hardware_kind, record_gates  # noqa: E402
+from lightning_modules.precision import choose_dtype, hardware_kind, native_bf16, record_gates  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PHASES = ("fit", "evaluation", "shap", "gates", "memory")
@@ -76,7 +79,22 @@ def run_phase(script: str, args: list[str], threads: int | None) -> dict:
 
 
 def matmul_peaks() -> dict[str, float]:
-    return {"float32": matmul_peak_gflops(torch.float32), "bfloat16": matmul_peak_gflops(torch.bfloat16)}
+    fp32 = matmul_peak_gflops(torch.float32)
+    if native_bf16(hardware_kind()):
+        return {"float32": fp32, "bfloat16": matmul_peak_gflops(torch.bfloat16)}
+    # Emulated bf16 runs at about 1 GFLOP/s (AMD EPYC without AVX-512, 2026-12-03): one 2048 x 2048 product takes over
+    # a minute there, so the emulation is measured on 512 x 512 products, once.
+    return {"float32": fp32, "bfloat16": matmul_peak_gflops(torch.bfloat16, size=512, trials=1, seconds=0.2)}
+
+
+def emulated_bf16_note(peaks: dict[str, float]) -> str:
+    """Why a machine without native bf16 gets no bf16 rows, with this run's own matmul figures."""
+    return (
+        f"{hardware_kind()} has no native bf16: torch emulates it (matmul {peaks['bfloat16']:.1f} GFLOP/s at "
+        f"512 x 512 vs fp32 {peaks['float32']:.0f} GFLOP/s at 2048 x 2048 in this run), so `dtype auto` picks fp32 "
+        "here and a bf16 row would only "
+        "measure the emulation; --emulated-bf16 measures them anyway"
+    )
 
 
 def prediction_agreement(fp32: dict, bf16: dict) -> dict:
@@ -370,6 +388,8 @@ def print_summary(results: dict, peaks: dict, settings: dict, seconds: float) ->
         )
         for phase, gate in demo["gates"].items():
             print(f"bf16 gate, demo {phase}: {gate['summary']}: {'PASS' if gate['passes'] else 'FAIL'}")
+    if settings.get("bf16_skipped"):
+        print(f"bf16 rows and gates skipped: {settings['bf16_skipped']}")
     for phase, line in settings.get("auto", {}).items():
         print(f"dtype auto on this machine ({settings['hardware']}), {phase}: {line}")
     if "evaluation" in results and "shots" in results["evaluation"]:
@@ -414,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-eval", type=int, default=64, help="whole-run memory: eval tweets (default 64)")
     parser.add_argument("--memory-shap", type=int, default=3, help="whole-run memory: tweets explained (default 3)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows and gates")
+    parser.add_argument(
+        "--emulated-bf16",
+        action="store_true",
+        help="measure the bf16 rows and gates on a machine without native bf16 too (hours: torch emulates it)",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not record the gates in assets/dtype_gates.json")
     parser.add_argument("--threads", type=int, help="torch CPU threads in every phase (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
@@ -429,6 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
     peaks = matmul_peaks()
+    bf16_skipped = None
+    if bf16 and not native_bf16(hardware_kind()) and not args.emulated_bf16:
+        bf16, bf16_skipped = False, emulated_bf16_note(peaks)
+        print(f"bf16 rows and gates skipped: {bf16_skipped}", file=sys.stderr, flush=True)
     results: dict = {}
     if "fit" in phases:
         sizes = ["--batches", str(args.fit_batches), "--batch-size", str(args.fit_batch_size)]
@@ -497,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": "; ".join(size for phase, size in sizes.items() if phase in phases),
         "hardware": hardware_kind(),
         "recorded": str(recorded) if recorded else None,
+        "bf16_skipped": bf16_skipped,
         "auto": {phase: choose_dtype("auto", EMBEDDED_MODEL, phase).reason for phase in DTYPE_PHASES},
     }
     print_summary(results, peaks, settings, time.perf_counter() - start)

@@ -32,6 +32,7 @@ class DtypeChoice:
     dtype: str  # float32, bfloat16 or float16
     reason: str
     requested: str = "auto"  # what --model.dtype said: a command that runs another phase resolves it anew
+    emulated: bool = False  # bf16 requested where the hardware only emulates it: a warning, not an error
 
     def as_dict(self) -> dict:
         return {"dtype": self.dtype, "reason": self.reason, "requested": self.requested}
@@ -89,9 +90,13 @@ def choose_dtype(requested: str, model_name: str, phase: str, records: list[dict
     """The dtype `phase` runs in for `--model.dtype requested` (see the module docstring for `auto`)."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; one of {PHASES}")
-    if requested != "auto":
-        return DtypeChoice(requested, "requested with --model.dtype", requested)
     kind = hardware_kind()
+    if requested != "auto":
+        reason = "requested with --model.dtype"
+        emulated = requested == "bfloat16" and not native_bf16(kind)
+        if emulated:
+            reason += f"; {kind} has no native bf16, so torch emulates it, far slower than float32 (auto: float32)"
+        return DtypeChoice(requested, reason, requested, emulated)
     if not native_bf16(kind):
         return DtypeChoice("float32", f"auto: {kind} has no native bf16")
     record = find_record(gate_records() if records is None else records, model_name, kind)

@@ -30,7 +30,10 @@ def test_auto_picks_bf16_only_where_native_and_the_recorded_gate_passes():
     native = native_bf16(hardware_kind())
     records = [_record("m", fit=False)]
     assert choose_dtype("float32", "m", "fit", records).dtype == "float32"
-    assert choose_dtype("bfloat16", "m", "fit", records).reason == "requested with --model.dtype"
+    requested = choose_dtype("bfloat16", "m", "fit", records)
+    assert requested.dtype == "bfloat16" and requested.reason.startswith("requested with --model.dtype")
+    # where bf16 is only emulated the user is told (a warning: it runs, many times slower than fp32)
+    assert requested.emulated == (not native) and ("emulates" in requested.reason) == (not native)
     for phase in ("evaluation", "explain"):
         choice = choose_dtype("auto", "m", phase, records)
         assert choice.dtype == ("bfloat16" if native else "float32"), choice

@@ -167,7 +167,8 @@ def test_shared_prefixes_through_a_lora_adapter(tiny_model_dir):
 
 @pytest.mark.slow
 def test_shared_prefixes_on_the_embedded_model_shap_variants(embedded_model_dir):
-    """The masked variants the explainer asks for, on SmolLM2: the tree matches plain forwards within 1e-5."""
+    """The masked variants the explainer asks for, on SmolLM2: the tree matches plain forwards (probabilities within
+    1e-5, the label-space mass within 1e-4 relative)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from analysis.explanation.shap_values import mask_tweet, normalize_tweet, tweet_masker
@@ -191,7 +192,10 @@ def test_shared_prefixes_on_the_embedded_model_shap_variants(embedded_model_dir)
         last = torch.stack([model(torch.tensor([encoder.prefix_ids + c])).logits[0, -1] for c in continuations])
     assert np.abs(shared.probabilities - torch.softmax(last[:, labels].double(), -1).numpy()).max() <= 1e-5
     mass = torch.softmax(last.double(), -1)[:, labels].sum(-1).numpy()
-    assert np.abs(shared.label_space_mass - mass).max() <= 1e-5
+    # The mass is exp(logsumexp(label logits) - logsumexp(all 49,152 logits)): its relative error is about twice the
+    # fp32 logit error after 30 layers summed in another order (tree vs plain forward), so it is bounded relatively.
+    # Measured: up to 3.4e-5 on an AMD EPYC without AVX-512 (2026-12-03), under 2e-5 on AVX-512 hosts.
+    np.testing.assert_allclose(shared.label_space_mass, mass, rtol=1e-4, atol=0)
     assert len(PrefixTree.build(continuations[:16]).prefixes) < sum(len(c) for c in continuations[:16])
 
 
