@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 
 from analysis.configuration import Alias, load_run, run_reporting_user_errors, translate_aliases
 
@@ -59,15 +60,27 @@ ROAR_ALIASES = {
 }
 
 
+def with_page(lines: list[str], folder: Path) -> list[str]:
+    """The command's summary, after writing `report.html` over every file in its output folder (so evaluate.py and
+    analyze.py writing into one folder build one page; a one-command run writes its own at the end instead)."""
+    from analysis.report.page import write_report
+    from foundation.output_names import BADGE_FILE
+
+    return [*lines, f"report: {write_report(folder, badge_svg=folder / BADGE_FILE).resolve()}"]
+
+
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """Baselines (raw and calibrated zero-shot, k-shot) vs fine-tuned: metrics, predictions and plots."""
     from analysis.evaluation.run import check_evaluation, evaluate
     from analysis.report.tables import evaluation_summary
 
     arguments = translate_aliases(sys.argv[1:] if argv is None else argv, EVALUATE_ALIASES)
-    return run_reporting_user_errors(
-        lambda: evaluation_summary(evaluate(load_run(arguments, check_evaluation, EVALUATE_ALIASES)))
-    )
+
+    def work() -> list[str]:
+        result = evaluate(load_run(arguments, check_evaluation, EVALUATE_ALIASES))
+        return with_page(evaluation_summary(result), result.output_dir)
+
+    return run_reporting_user_errors(work)
 
 
 def analyze_main(argv: Sequence[str] | None = None) -> int:
@@ -77,9 +90,13 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     from analysis.report.tables import analysis_summary
 
     arguments = translate_aliases(sys.argv[1:] if argv is None else argv, ANALYZE_ALIASES)
-    return run_reporting_user_errors(
-        lambda: analysis_summary(run_analysis(load_run(arguments, check_explanation, ANALYZE_ALIASES, phase="explain")))
-    )
+
+    def work() -> list[str]:
+        result = run_analysis(load_run(arguments, check_explanation, ANALYZE_ALIASES, phase="explain"))
+        lines = analysis_summary(result)
+        return with_page(lines, result.output_dir) if result.merged else lines  # a shard's page waits for all
+
+    return run_reporting_user_errors(work)
 
 
 def experiment_aliases() -> dict[str, Alias]:

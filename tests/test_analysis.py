@@ -555,6 +555,16 @@ def test_analyze_script_writes_every_file(trained, tmp_path):
             assert escape(segment) in page
     assert "http" not in page and "<script" not in page  # self-contained
 
+    from tests.test_report_browser import visible_text
+
+    last = result.stdout.splitlines()[-1]
+    assert last.startswith("report: ") and Path(last[8:]) == (out / "report.html").resolve()  # printed last
+    text = visible_text((out / "report.html").read_text())
+    for model in (ZERO_SHOT, FINE_TUNED):
+        assert f"{metrics[model]['mean_abs_importance']:.4f}" in text
+    cosine = metrics["comparison"]["cosine_similarity"]
+    assert f"{cosine['mean']:.4f} [{cosine['ci_low']:.4f}, {cosine['ci_high']:.4f}]" in text
+
 
 def test_bad_input_is_one_error_line(trained, tmp_path, capsys):
     from analysis.commands import analyze_main as main

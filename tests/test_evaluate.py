@@ -31,6 +31,7 @@ FIGURES_AND_LOGS = {
 ZERO_SHOT_FILES = FIGURES_AND_LOGS | {"zero_shot_metrics.json"}
 BASELINE_FILES = FIGURES_AND_LOGS | {f"{model}_metrics.json" for model in MODELS[:3]} | {"comparison.json"}
 ALL_FILES = BASELINE_FILES | {"fine_tuned_metrics.json"}
+REPORT = "report.html"  # written by the command (scripts/evaluate.py), not by `evaluate()`
 
 
 def evaluate_in_process(*args: str):
@@ -94,7 +95,7 @@ def probabilities(rows: list[dict], model: str, label_names: list[str]) -> np.nd
 @pytest.mark.slow
 def test_writes_every_file_and_prints_the_figure_paths(user_run):
     folder = user_run["folder"]
-    assert {p.name for p in folder.iterdir()} == ALL_FILES
+    assert {p.name for p in folder.iterdir()} == ALL_FILES | {REPORT}
     assert not list(folder.rglob("*.tmp"))
     printed = [Path(line.strip()) for line in user_run["stdout"].splitlines() if line.strip().endswith(".png")]
     assert printed == [
@@ -107,6 +108,22 @@ def test_writes_every_file_and_prints_the_figure_paths(user_run):
     for path in folder.rglob("*"):
         if path.is_file():
             assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_the_command_writes_its_page_with_every_model(user_run):
+    from tests.test_report_browser import visible_text
+
+    folder = user_run["folder"]
+    last = user_run["stdout"].splitlines()[-1]
+    assert last.startswith("report: ") and Path(last[8:]) == (folder / REPORT).resolve()  # printed last
+    text = visible_text((folder / REPORT).read_text())
+    for model in MODELS:
+        metrics = user_run[f"{model}_metrics.json"]
+        ci = metrics["confidence_intervals"]["accuracy"]
+        assert f"{metrics['accuracy']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}]" in text, model
+    difference = user_run["comparison.json"]["comparisons"]["fine_tuned_vs_zero_shot"]["differences"]["accuracy"]
+    assert f"{difference['difference']:.4f} [{difference['ci_low']:.4f}, {difference['ci_high']:.4f}]" in text
 
 
 @pytest.mark.slow
@@ -428,7 +445,7 @@ def test_embedded_model_zero_shot_run_matches_a_plain_forward(embedded_model_dir
         "--config", str(REPO / "configs" / "embedded.yaml"), "--eval-subset", "6", "--output-dir", str(folder)
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert {p.name for p in folder.iterdir()} == BASELINE_FILES
+    assert {p.name for p in folder.iterdir()} == BASELINE_FILES | {REPORT}
     metrics = json.loads((folder / "zero_shot_metrics.json").read_text())
     rows = read_predictions(folder)
     assert metrics["n_examples"] == len(rows) == 6

@@ -18,6 +18,7 @@ from analysis.models import MODEL_ORDER
 from analysis.models import display_name as model_display_name
 from foundation.atomic_files import write_text_atomic
 from foundation.output_names import (
+    AGREEMENT_PLOT,
     COMPARISON_FILE,
     CONFUSION_PLOT,
     DELETION_PLOT,
@@ -45,6 +46,7 @@ FIGURES = (
         for model in MODEL_ORDER
     ),
     (DELETION_PLOT, "Faithfulness: deletion curves"),
+    (AGREEMENT_PLOT, "Agreement between explainers: mean Spearman per tweet, per model"),
 )
 HEADLINE = (
     ("accuracy", "accuracy"),

@@ -541,5 +541,10 @@ def run_roar(
     # Over every file in the folder: written beside a run's outputs, that run's page (and its badge) gains ROAR.
     files.append(write_report(plan.folder, badge_svg=plan.folder / BADGE_FILE))
     return RoarResult(
-        plan.folder, list(notes), metrics=metrics_file, analysis=analysis_file, files=files, summary=summary
+        plan.folder,
+        list(notes),
+        metrics=metrics_file,
+        analysis=analysis_file,
+        files=files,
+        summary=[*summary, f"report: {files[-1].resolve()}"],
     )
