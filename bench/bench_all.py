@@ -92,8 +92,7 @@ def emulated_bf16_note(peaks: dict[str, float]) -> str:
     return (
         f"{hardware_kind()} has no native bf16: torch emulates it (matmul {peaks['bfloat16']:.1f} GFLOP/s at "
         f"512 x 512 vs fp32 {peaks['float32']:.0f} GFLOP/s at 2048 x 2048 in this run), so `dtype auto` picks fp32 "
-        "here and a bf16 row would only "
-        "measure the emulation; --emulated-bf16 measures them anyway"
+        "here and a bf16 row would only measure the emulation; --emulated-bf16 measures them anyway"
     )
 
 
