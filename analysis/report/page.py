@@ -245,6 +245,11 @@ def _metrics_section(metrics: dict[str, dict]) -> str:
     return "\n".join(parts)
 
 
+def _difference_cell(difference: dict | None) -> str:
+    difference = difference or {}
+    return format_number(difference.get("difference")) + _interval(difference.get("ci_low"), difference.get("ci_high"))
+
+
 def _comparison_section(comparison: dict | None) -> str:
     if not comparison:
         return ""
@@ -264,7 +269,7 @@ def _comparison_section(comparison: dict | None) -> str:
                 escape(name),
                 format_number(d.get("baseline_value")),
                 format_number(d.get("model_value")),
-                format_number(d.get("difference")) + _interval(d.get("ci_low"), d.get("ci_high")),
+                _difference_cell(d),
             ]
             for name, d in (pair.get("differences") or {}).items()
         ]
@@ -573,11 +578,6 @@ def _faithfulness(faithfulness: dict | None, models: Sequence[str], names: dict)
     if not rows:
         return ""
     return "<h3>Faithfulness (AOPC)</h3>" + _table(["model: mode", "SHAP order", "random order"], rows)
-
-
-def _difference_cell(difference: dict | None) -> str:
-    difference = difference or {}
-    return format_number(difference.get("difference")) + _interval(difference.get("ci_low"), difference.get("ci_high"))
 
 
 def _roar_section(metrics: dict | None, analysis: dict | None, folder: Path, names: Collection[str]) -> str:
