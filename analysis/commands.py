@@ -62,11 +62,10 @@ ROAR_ALIASES = {
 
 def with_page(lines: list[str], folder: Path) -> list[str]:
     """The command's summary, after writing `report.html` over every file in its output folder (so evaluate.py and
-    analyze.py writing into one folder build one page; a one-command run writes its own at the end instead)."""
-    from analysis.report.page import write_report
-    from foundation.output_names import BADGE_FILE
+    analyze.py writing into one folder build one page)."""
+    from analysis.report.page import write_folder_report
 
-    return [*lines, f"report: {write_report(folder, badge_svg=folder / BADGE_FILE).resolve()}"]
+    return [*lines, f"report: {write_folder_report(folder).resolve()}"]
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:

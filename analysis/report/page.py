@@ -19,6 +19,7 @@ from analysis.models import display_name as model_display_name
 from foundation.atomic_files import write_text_atomic
 from foundation.output_names import (
     AGREEMENT_PLOT,
+    BADGE_FILE,
     COMPARISON_FILE,
     CONFUSION_PLOT,
     DELETION_PLOT,
@@ -718,3 +719,10 @@ def render_report(folder: str | Path, names: Collection[str] | None = None, badg
 def write_report(folder: str | Path, names: Collection[str] | None = None, badge_svg: Path | None = None) -> Path:
     """Write `report.html` into `folder` atomically; returns its path."""
     return write_text_atomic(Path(folder) / REPORT_FILE, render_report(folder, names, badge_svg) + "\n")
+
+
+def write_folder_report(folder: str | Path) -> Path:
+    """`report.html` over every file in `folder`, with the badge where the folder holds one: the page evaluate.py,
+    analyze.py and roar.py leave (a one-command run writes its own, over the files it produced)."""
+    folder = Path(folder)
+    return write_report(folder, badge_svg=folder / BADGE_FILE)

@@ -42,7 +42,7 @@ from analysis.explanation.run import (
 )
 from analysis.explanation.shap_values import mask_tweet, model_value_functions, tweet_masker
 from analysis.models import FINE_TUNED, ZERO_SHOT, display_name, model_specs, release_memory, to_device
-from analysis.report.page import write_report
+from analysis.report.page import write_folder_report
 from analysis.report.plots import plot_roar
 from analysis.report.tensorboard import write_tensorboard
 from analysis.roar.removal import keep_mask, random_removal, ranked_removal
@@ -53,7 +53,6 @@ from foundation.errors import UserInputError
 from foundation.output_folder import check_output_dir, require_output_dir
 from foundation.output_names import (
     ADAPTER_DIR,
-    BADGE_FILE,
     CHECKPOINT_DIR,
     CONFIG_FILE,
     PROGRESS_DIR,
@@ -539,7 +538,7 @@ def run_roar(
     figures = {"roar/comparison": plan.folder / ROAR_COMPARISON_PLOT}
     write_tensorboard(plan.folder / TENSORBOARD_DIR, scalars, figures, {"roar/summary": summary})
     # Over every file in the folder: written beside a run's outputs, that run's page (and its badge) gains ROAR.
-    files.append(write_report(plan.folder, badge_svg=plan.folder / BADGE_FILE))
+    files.append(write_folder_report(plan.folder))
     return RoarResult(
         plan.folder,
         list(notes),
