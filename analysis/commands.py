@@ -122,17 +122,24 @@ def parse_experiment_options(argv: Sequence[str]):
 
     from analysis.provenance.experiment import ExperimentOptions
 
-    parser = ArgumentParser(description=experiment_main.__doc__, exit_on_error=False)
+    parser = ArgumentParser(description=experiment_main.__doc__.splitlines()[0], exit_on_error=False)
     parser.add_class_arguments(ExperimentOptions, instantiate=False)
     return ExperimentOptions(**dict(parser.parse_args(translate_aliases(argv, experiment_aliases()))))
 
 
-def experiment_main(argv: Sequence[str] | None = None) -> int:
-    """The original experiment in one command: fine-tune, evaluate, explain, report."""
-    from analysis.provenance.experiment import run_experiment
+def experiment_main(argv: Sequence[str] | None = None, fresh_process_after_fit: bool = False) -> int:
+    """The original experiment in one command: fine-tune, evaluate, explain, report.
+
+    `fresh_process_after_fit`: after its fit, the process continues as a fresh image of the same command line
+    (`continue_in_fresh_process`); for the command line only, which owns its process.
+    """
+    from analysis.provenance.experiment import continue_in_fresh_process, run_experiment
 
     arguments = sys.argv[1:] if argv is None else argv
-    return run_reporting_user_errors(lambda: run_experiment(parse_experiment_options(arguments)).summary)
+    after_fit = continue_in_fresh_process if fresh_process_after_fit else None
+    return run_reporting_user_errors(
+        lambda: run_experiment(parse_experiment_options(arguments), after_fit=after_fit).summary
+    )
 
 
 def roar_main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -9,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from foundation.errors import UserInputError
 from foundation.hub import hub_error, resolve_model_source, resolve_token
+from lightning_modules.lean_backward import keep_half_precision_for_backward
 from lightning_modules.precision import choose_dtype
 from lightning_modules.tree_attention import use_half_sdpa
 
@@ -38,6 +40,19 @@ def use_4bit(load_in_4bit: bool, force_4bit_on_cpu: bool) -> bool:
     return False
 
 
+# oneDNN (torch's CPU kernels for bf16/fp16 matrix products) keeps a compiled kernel per distinct shape, 1,024 of
+# them by default; a fit's batches come in dozens of lengths, each with its own shapes, so the cache grew through
+# the whole fit (a bf16 fit of 400 embedded tweets: peak 1.70 GiB, 1.57 GiB with 16, in the same time: a step's
+# shapes are reused across its 30 layers, rarely across steps; docs/benchmarks.md). Read by oneDNN once, when it
+# builds its first kernel; a value the user set is kept.
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_CAPACITY = "16"
+
+
+def bound_onednn_cache() -> None:
+    os.environ.setdefault(ONEDNN_CACHE_ENV, ONEDNN_CACHE_CAPACITY)
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,6 +78,8 @@ def load_causal_lm(
 
     source = resolve_model_source(model_name)
     dtype = resolve_dtype(dtype, model_name)
+    if dtype != torch.float32:
+        bound_onednn_cache()
     kwargs = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True, "token": resolve_token(token)}
     if revision:
         kwargs["revision"] = revision
@@ -137,4 +154,7 @@ def attach_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if not gradient_checkpointing:  # checkpointed layers keep only their inputs already
+        keep_half_precision_for_backward(model)
+    return model

@@ -141,9 +141,11 @@ class LabelScores:
 
 
 # Remembered tweet prefixes per model during one tweet's explanation. Each costs 2 x layers x kv width floats plus one
-# hidden state (48 KB in fp32 for SmolLM2-135M). analyze.py on 3 embedded eval tweets, both models, max_evals 200:
-# 4096 -> peak 1.68 GiB, 83 s; 2048 -> 1.52 GiB, 85 s; 1024 -> 1.43 GiB, 92 s; none -> 1.34 GiB, 101 s.
-REMEMBERED_PREFIXES = 2048
+# hidden state (48 KB in fp32 for SmolLM2-135M). analyze.py on 3 embedded eval tweets, both models, max_evals 200
+# (2026-12-03): 4096 -> peak 1.68 GiB, 83 s; 2048 -> 1.52 GiB, 85 s; 1024 -> 1.43 GiB, 92 s; none -> 1.34 GiB, 101 s.
+# 2026-12-04, the same 3 tweets twice each: 2048 -> 1.52 GiB, 47.6 / 54.8 s explaining; 1536 -> 1.47 GiB, 50.2 /
+# 50.8 s; 1024 -> 1.43 GiB, 48.7 / 57.5 s (docs/benchmarks.md).
+REMEMBERED_PREFIXES = 1536
 
 
 class PrefixCache:

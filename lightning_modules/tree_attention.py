@@ -21,11 +21,14 @@ upcast of q, k and v costs a copy of a few small tensors. On a GPU the function 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from lightning_modules.lean_backward import exact_copy, half_on_cpu, recorded, saved_as, upcast, upcast_repeated
 
 TREE_ATTENTION = "lora_explain_prefix_tree"
 HALF_SDPA = "lora_explain_sdpa"  # sdpa, with half-precision inputs upcast to fp32 on a CPU
@@ -93,21 +96,46 @@ def tree_attention_forward(
 
 def _fp32_on_cpu(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """bf16/fp16 tensors on a CPU as fp32 (see the module docstring); anything else as it is."""
-    if tensors[0].device.type != "cpu" or tensors[0].dtype not in (torch.bfloat16, torch.float16):
+    if not half_on_cpu(tensors[0]):
         return tensors
     return tuple(t.float() for t in tensors)
 
 
 def half_sdpa_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention; bf16/fp16 on a CPU computed in fp32 and returned in the input dtype."""
+    """transformers' sdpa attention; bf16/fp16 on a CPU computed in fp32 and returned in the input dtype. In a fit,
+    autograd keeps the half-precision q, k and v in place of their fp32 copies (`lightning_modules.lean_backward`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
-    query, key, value = _fp32_on_cpu(query, key, value)
     if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.to(query.dtype)  # an additive mask, in the dtype sdpa computes in
-    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        # an additive mask, in the dtype sdpa computes in
+        attention_mask = attention_mask.to(torch.float32 if half_on_cpu(query) else dtype)
+    if not (half_on_cpu(query) and recorded(query, key, value)):
+        out, weights = sdpa_attention_forward(module, *_fp32_on_cpu(query, key, value), attention_mask, **kwargs)
+        return out.to(dtype), weights
+    # k and v repeated per query head here (as sdpa_attention_forward would), so that the fp32 tensors the kernel
+    # keeps are the copies made here, which autograd keeps as their half-precision originals
+    groups = getattr(module, "num_key_value_groups", 1)
+    query, query_entry = exact_copy(query, upcast)
+    key, key_entry = exact_copy(key, functools.partial(upcast_repeated, groups))
+    value, value_entry = exact_copy(value, functools.partial(upcast_repeated, groups))
+    entries = {t.data_ptr(): entry for t, entry in ((query, query_entry), (key, key_entry), (value, value_entry))}
+    with saved_as(entries):
+        out, weights = sdpa_attention_forward(_HeadsRepeated(module), query, key, value, attention_mask, **kwargs)
     return out.to(dtype), weights
+
+
+class _HeadsRepeated:
+    """An attention module as `sdpa_attention_forward` reads it once its keys and values are repeated per query head:
+    one key/value group, every other attribute the module's own."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: torch.nn.Module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
 
 
 def _register() -> None:

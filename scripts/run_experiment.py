@@ -13,4 +13,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.commands import experiment_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(experiment_main())
+    sys.exit(experiment_main(fresh_process_after_fit=True))

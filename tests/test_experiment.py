@@ -473,10 +473,16 @@ def test_embedded_run_manifest(embedded_run):
     assert {"train", "evaluate", "explain", "report", "total"} <= set(phases)
     assert all(seconds >= 0 for seconds in phases.values())
     assert phases["total"] >= phases["train"] + phases["evaluate"] + phases["explain"]
-    # The run's resident high-water mark after each phase: never reset, so it only grows; a model was resident.
+    # The command line fitted in one process image and continued in a fresh one: the same process, two attempts.
+    attempts = manifest["attempts"]
+    assert [a["status"] for a in attempts] == ["continued in a fresh process", "complete"]
+    assert attempts[0]["pid"] == attempts[1]["pid"]
+    assert embedded_run["stdout"].count("== continuing in a fresh process") == 1
+    # The resident high-water mark after each phase: the fit's image's, then the fresh image's, which only grows; a
+    # model was resident in both.
     peaks = manifest["peak_rss_gib"]
     assert list(peaks) == ["train", "evaluate", "explain", "report"]
-    assert 0.25 < peaks["train"] <= peaks["evaluate"] <= peaks["explain"] <= peaks["report"]
+    assert 0.25 < peaks["train"] and 0.25 < peaks["evaluate"] <= peaks["explain"] <= peaks["report"]
 
     # The fingerprints are of the data actually used: recomputed here from what the run wrote and loaded.
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

@@ -201,3 +201,29 @@ def test_a_run_of_an_older_version_resumes_when_its_new_options_are_at_their_def
     (tmp_path / "run.json").write_text("{ half a file")
     with pytest.raises(UserInputError, match="cannot be read"):
         previous_run(tmp_path, now, config)
+
+
+@pytest.mark.slow
+def test_the_command_line_continues_after_its_fit_in_a_fresh_process_and_keeps_the_fit(
+    tmp_path, tiny_model_dir, synthetic_folder
+):
+    """The command line fits, records the fit, and continues as a fresh image of itself (same process id), which
+    evaluates and explains that fit: even under --overwrite, the fresh image never starts the run over."""
+    out = tmp_path / "run"
+    flags = experiment_flags(tiny_model_dir, Path(synthetic_folder), out, "--overwrite", "--no-run-shap")
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENT), *flags], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("== fine-tuning a LoRA adapter") == 1
+    assert done.stdout.count("== continuing in a fresh process") == 1
+    assert "resuming" not in done.stdout
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["phases_done"] == ["train", "evaluate"]
+    first, second = manifest["attempts"]
+    assert (first["status"], second["status"]) == ("continued in a fresh process", "complete")
+    assert first["pid"] == second["pid"]
+    assert len(list((out / "lightning_logs").glob("version_*"))) == 1  # one fit, not two
+    evaluated = json.loads((out / "fine_tuned_metrics.json").read_text())
+    assert evaluated["n_examples"] == 24
+    assert set(manifest["phase_seconds"]) >= {"train", "evaluate", "total"}

@@ -294,15 +294,39 @@ def seed_null_of_run(folder: Path, seed_folders: list[Path], baseline: str = ZER
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------------
+# Set by `continue_in_fresh_process` to the output folder whose run the fresh process image continues.
+CONTINUED_RUN_ENV = "LORA_EXPLAIN_CONTINUED_RUN"
+
+
 def run_experiment(
     options: ExperimentOptions,
     log: Callable[[str], None] = lambda message: print(message, flush=True),
+    after_fit: Callable[[Path], None] | None = None,
 ) -> ExperimentResult:
-    """Train (with `finetune`), evaluate, explain (with `run_shap`), then badge, manifest and report."""
+    """Train (with `finetune`), evaluate, explain (with `run_shap`), then badge, manifest and report.
+
+    `after_fit(folder)` is called once a fit this process ran is recorded in `run.json`, before the evaluation: the
+    command line passes `continue_in_fresh_process`, which does not return.
+    """
     from analysis.configuration import program_name_only
 
     with program_name_only(), _sigterm_raises():
-        return _run(options, log)
+        return _run(options, log, after_fit)
+
+
+def continue_in_fresh_process(folder: Path) -> None:
+    """Replace this process image by a fresh one running the same command, which continues the run in `folder` from
+    its `run.json` (the fit is done) with what a fresh process holds: the operating system takes back everything the
+    fit left in this one (heap the allocator keeps, oneDNN's compiled kernels, the fit's modules and objects; about
+    0.3 GB after the embedded fit, docs/benchmarks.md). The same process id, so a caller waiting on it, a time limit and
+    `/usr/bin/time` (the peak of both images) see one process. Where `exec` does not replace a process (not POSIX),
+    or under a multi-process launcher, the run continues in this process."""
+    if os.name != "posix" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ[CONTINUED_RUN_ENV] = str(folder)
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 @contextmanager
@@ -326,7 +350,9 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentResult:
+def _run(
+    options: ExperimentOptions, log: Callable[[str], None], after_fit: Callable[[Path], None] | None
+) -> ExperimentResult:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if options.huggingface_token:
         os.environ["HF_TOKEN"] = options.huggingface_token  # read by every loader; never written
@@ -334,6 +360,11 @@ def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentRe
     options = replace(options, huggingface_token=None)
     # Everything that can be wrong is found here, before anything is written.
     folder = check_output_dir(options.output_dir)
+    # The fresh process image of this same command after its fit (`continue_in_fresh_process`): it continues that run
+    # (never starts it over, whatever --overwrite said) and says so once.
+    continued = os.environ.pop(CONTINUED_RUN_ENV, None) == str(folder)
+    if continued:
+        options = replace(options, overwrite=False)
     config = run_config(options, folder)
     check_options(options, config)
     badge_folder = None
@@ -343,9 +374,11 @@ def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentRe
     previous = None if options.overwrite else previous_run(folder, recorded_options(options, secrets), config)
     if options.overwrite:
         remove_previous_run(folder)
-    if options.project_badge:
+    if options.project_badge and not continued:
         log(f"Quantum Pass badge: {BADGE_ID}")
-    if previous is not None:
+    if continued:
+        log("== continuing in a fresh process: the memory the fit held is back with the operating system ==")
+    elif previous is not None:
         done = previous["phases_done"]
         log(f"== resuming the run in {folder}: {', '.join(done) if done else 'no phase'} finished before ==")
 
@@ -356,8 +389,13 @@ def _run(options: ExperimentOptions, log: Callable[[str], None]) -> ExperimentRe
 
     try:
         if options.finetune:
-            announce("fine-tuning a LoRA adapter (scripts/train.py fit)", "train")
+            if not continued:
+                announce("fine-tuning a LoRA adapter (scripts/train.py fit)", "train")
+            fits = not run.done("train")
             run.train()
+            if fits and after_fit is not None and not continued:  # one fresh image per run, never a loop
+                run.save_manifest("continued in a fresh process")
+                after_fit(folder)
         evaluated = [display_name(m, options.k_shot) for m in options.baselines]
         evaluated += ["fine-tuned"] if options.finetune else []
         announce(f"evaluating: {', '.join(evaluated)}", "evaluate")
@@ -513,8 +551,9 @@ class ExperimentRun:
             "packages": package_versions(),
             "git": git_commit(PROJECT_ROOT),
             "phase_seconds": {},
-            # per phase: this process's resident high-water mark when the phase ended (the phase that raised it
-            # holds the run's peak; a resumed run keeps the figures of the phases an earlier process finished)
+            # per phase: the resident high-water mark of the process image that ran it, when the phase ended (the
+            # command line fits in one image and continues in a fresh one, `continue_in_fresh_process`; a resumed
+            # run keeps the figures of the phases an earlier process finished): the run's peak is the largest
             "peak_rss_gib": {},
             "dtypes": {},  # per phase: the dtype its model computed in, and why
             "phases_done": [],
@@ -536,7 +575,7 @@ class ExperimentRun:
                 key: {k: v for k, v in previous.get(key, {}).items() if k in self.manifest["phases_done"]}
                 for key in self.earlier
             }
-        self.manifest["attempts"].append({"started_at_utc": started, "status": "running"})
+        self.manifest["attempts"].append({"started_at_utc": started, "pid": os.getpid(), "status": "running"})
         # Training seeds 1 .. K-1, each a complete run of its own in seeds/seed_<k>/ (seed 0 is this folder).
         self.seed_configs = []
         for k in range(1, options.seeds):

@@ -161,7 +161,9 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
-            self.peak_rss_gib[name] = round(peak_rss_gib(), 3)
+            # The kernel reads the mark from approximate per-CPU counters (Linux >= 6.2), so a later reading can come
+            # out a MiB below an earlier one; the mark itself never falls, so neither does its record.
+            self.peak_rss_gib[name] = round(max([peak_rss_gib(), *self.peak_rss_gib.values()]), 3)
 
     def summary(self) -> dict[str, float]:
         return {**self.seconds, "total": round(time.perf_counter() - self._start, 3)}
