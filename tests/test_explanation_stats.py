@@ -504,3 +504,21 @@ def test_explainer_agreement_by_hand():
     assert result["x_vs_y"]["top5_overlap"]["mean"] == pytest.approx(1.0)
     # tweet 1: ranks (4, 3, 1, 2) vs (2, 1, 3, 4): rho = 1 - 6 x 16 / 60 = -0.6; tweet 2: -1
     assert result["x_vs_z"]["spearman"]["mean"] == pytest.approx((-0.6 - 1.0) / 2)
+
+
+@pytest.mark.parametrize(
+    ("difference", "ci", "p", "direction"),
+    [
+        (0.02, (0.005, 0.035), 0.002, "larger"),
+        (-0.02, (-0.035, -0.005), 0.01, "smaller"),
+        (0.015, (0.00105, 0.0287), 0.084, "the two tests disagree"),  # the README's integrated-gradients case
+        (0.015, (-0.001, 0.03), 0.03, "the two tests disagree"),
+        (0.001, (-0.01, 0.012), 0.6, "no detectable change"),
+        (0.001, (0.0005, 0.002), None, "no detectable change"),  # too few tweets for the test: no verdict
+    ],
+)
+def test_a_change_has_a_direction_only_where_both_tests_agree(difference, ci, p, direction):
+    from analysis.explanation.properties import change_direction
+
+    test = {"mean_difference": difference, "ci_low": ci[0], "ci_high": ci[1], "wilcoxon_p": p}
+    assert change_direction(test) == direction

@@ -158,7 +158,7 @@ def explainer_verdicts(
             second = [method_values(r, b, method)[:, r["comparison_target"]] for r in records]
             result = compare_models(first, second, tokens, n_resamples, seed, names=(a, b))
             test = result["paired_tests"]["mean_abs"]
-            direction = _direction(test)
+            direction = change_direction(test)
             directions[method] = direction
             rows[method] = {
                 "spearman": result["spearman"],
@@ -181,20 +181,32 @@ def explainer_verdicts(
     return out
 
 
-def _direction(test: dict) -> str:
+UNDECIDED = "the two tests disagree"
+
+
+def change_direction(test: dict) -> str:
+    """The direction of a paired change in mean |attribution| (`paired_tests["mean_abs"]`): larger or smaller when the
+    bootstrap CI of the difference excludes 0 and the Wilcoxon test rejects at 0.05; "the two tests disagree" when
+    only one of them does; no detectable change when neither does."""
     p = test.get("wilcoxon_p")
-    if p is not None and p < 0.05 and (test["ci_low"] > 0 or test["ci_high"] < 0):
+    ci_excludes_zero = test["ci_low"] > 0 or test["ci_high"] < 0
+    rejects = p is not None and p < 0.05
+    if ci_excludes_zero and rejects:
         return "larger" if test["mean_difference"] > 0 else "smaller"
+    if p is not None and ci_excludes_zero != rejects:
+        return UNDECIDED
     return "no detectable change"
 
 
 def _verdict(method: str, second: str, first: str, direction: str, test: dict, spearman: dict) -> str:
     p = test.get("wilcoxon_p")
-    change = (
-        f"{second}'s mean |attribution| is {direction} than {first}'s"
-        if direction != "no detectable change"
-        else f"no detectable change in mean |attribution| from {first} to {second}"
-    )
+    if direction == UNDECIDED:
+        which = "the CI excludes 0, Wilcoxon does not reject" if p >= 0.05 else "Wilcoxon rejects, the CI includes 0"
+        change = f"undecided whether mean |attribution| changes from {first} to {second} ({which})"
+    elif direction == "no detectable change":
+        change = f"no detectable change in mean |attribution| from {first} to {second}"
+    else:
+        change = f"{second}'s mean |attribution| is {direction} than {first}'s"
     rho = spearman.get("mean")
     rho_text = (
         f"; rank agreement Spearman {rho:.2f} [{spearman['ci_low']:.2f}, {spearman['ci_high']:.2f}]"
