@@ -2,7 +2,9 @@
 
 Random weights built from the config (no download, no internet); random token ids with the embedded default's
 prompt shape (shared instruction prefix + tweet + tail). Each phase compares our recipe with the original one in the
-same run. `--tiny` shrinks the model so the script can be checked on a CPU.
+same run, in examples per second and as a share of the card's bf16 matrix peak measured in the same run (FLOPs
+counted from the positions each path really ran, as bench/accounting.py counts them on a CPU). `--tiny` shrinks the
+model so the script can be checked on a CPU.
 Usage: python bench/gpu_bench.py [--tiny] [--examples 256] [--batch-size 16]
 """
 
@@ -12,6 +14,8 @@ import argparse
 import importlib.util
 import sys
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.accounting import WorkCounter, matmul_peak_gflops  # noqa: E402
 from lightning_modules.scoring import LabelScorer, logits_at_positions  # noqa: E402
 
 LLAMA_3_2_1B = dict(
@@ -61,6 +66,50 @@ def timed(fn, device, repeats: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+@contextmanager
+def guarded(phase: str):
+    """A phase that fails prints its traceback and lets the next phase run (one lent GPU run must say all it can)."""
+    try:
+        yield
+    except Exception:
+        traceback.print_exc()
+        print(f"{phase}: failed (traceback above)")
+
+
+def profiled(fn, args, title: str) -> None:
+    """With --profile: where one call of `fn` spends its time (torch.profiler, top operators by self CPU time) and
+    how many kernels it launched, to tell launch-bound from compute-bound."""
+    if not args.profile:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+    print(f"--- profile: {title}; {launches} kernel launches")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48))
+
+
+def peak_gflops(device, dtype) -> float:
+    """The best matrix-product rate this device reaches in `dtype`: 8192^3 products on a GPU, as KINDS.md measures."""
+    if device.type != "cuda":
+        return matmul_peak_gflops(dtype)
+    a, b = (torch.randn(8192, 8192, device=device, dtype=dtype) for _ in range(2))
+    seconds = timed(lambda: [a @ b for _ in range(10)], device, 3) / 10
+    return 2.0 * 8192**3 / seconds / 1e9
+
+
+def counted(counter: WorkCounter, fn, fit: bool = False) -> float:
+    """FLOPs of one call of `fn` (a separate, untimed call: the counting hooks synchronise the GPU)."""
+    before = counter.snapshot()
+    with counter:
+        fn()
+    work = counter.snapshot() - before
+    return counter.fit_flops(work) if fit else counter.forward_flops(work)
+
+
 def build(config: dict, device, dtype, four_bit: bool, lora: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,15 +144,39 @@ def prompts(n: int, vocab: int, seed: int = 0):
     return prefix, rows
 
 
-def run_variant(weights: str, four_bit: bool, config: dict, device, dtype, args) -> None:
+def run_variant(weights: str, four_bit: bool, config: dict, device, dtype, args, peak: float) -> None:
     labels = [100, 200, 300]
     model = build(config, device, dtype, four_bit, lora=True)
+    counter = WorkCounter(model, lora_active=True)
     prefix, rows = prompts(args.examples, config["vocab_size"])
 
-    # fit: dynamic padding + label-position logits vs padding to 512 + full-vocabulary logits everywhere
+    def line(phase: str, items: int, seconds: tuple[float, float], flops: tuple[float, float], rate: bool = True):
+        """One row from the seconds and counted FLOPs of one call of each path over `items` examples: the rate
+        (examples/s, or seconds per example), the ratio, and each path's GFLOP/s as a share of the peak."""
+        shown = [items / t if rate else t / items for t in seconds]
+        share = [100 * f / t / 1e9 / peak for f, t in zip(flops, seconds)]
+        digits = 1 if rate else 3
+        print(
+            f"{phase:<22} {weights:<7} {shown[0]:>12.{digits}f} {shown[1]:>12.{digits}f} "
+            f"{seconds[1] / seconds[0]:>6.1f}x {share[0]:>8.1f}% {share[1]:>8.1f}%"
+        )
+
+    with guarded(f"fit {weights}"):
+        fit(model, counter, prefix, rows, labels, device, args, line)
+    with guarded(f"evaluation {weights}"):
+        evaluation(model, counter, prefix, rows, labels, device, args, line)
+    with guarded(f"SHAP {weights}"):
+        shap_value_function(model, counter, prefix, rows, labels, device, args, line)
+    if device.type == "cuda":
+        print(f"peak GPU memory ({weights}): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        torch.cuda.reset_peak_memory_stats()
+
+
+def fit(model, counter, prefix, rows, labels, device, args, line) -> None:
+    """Dynamic padding + label-position logits vs padding to 512 + full-vocabulary logits everywhere."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = [prefix + r for r in rows[: args.batch_size // 4 or 1]]
+    batch = [prefix + r for r in rows[: args.fit_batch_size or args.batch_size // 4 or 1]]
     width = max(map(len, batch))
     ids = torch.zeros((len(batch), width), dtype=torch.long, device=device)
     for i, r in enumerate(batch):
@@ -128,16 +201,19 @@ def run_variant(weights: str, four_bit: bool, config: dict, device, dtype, args)
         optimizer.zero_grad()
 
     t_ours, t_orig = timed(ours_fit, device, 3), timed(original_fit, device, 3)
-    print(
-        f"{'fit (examples/s)':<22} {weights:<7} {len(batch) / t_ours:>12.1f} {len(batch) / t_orig:>12.1f} "
-        f"{t_orig / t_ours:>6.1f}x"
-    )
+    flops = counted(counter, ours_fit, fit=True), counted(counter, original_fit, fit=True)
+    line("fit (examples/s)", len(batch), (t_ours, t_orig), flops)
 
-    # evaluation: prefix cache + last-position lm_head vs generate(max_new_tokens=1) with left padding
+
+def evaluation(model, counter, prefix, rows, labels, device, args, line) -> None:
+    """Prefix cache + last-position lm_head vs generate(max_new_tokens=1) with left padding."""
     model.eval()
     n = len(rows)
-    # a new scorer per pass: each pass pays for its own prefix, as one evaluation does
-    t_ours = timed(lambda: LabelScorer(model, prefix, labels, batch_size=args.batch_size)(rows), device)
+
+    def ours_evaluation():  # a new scorer per pass: each pass pays for its own prefix, as one evaluation does
+        LabelScorer(model, prefix, labels, batch_size=args.batch_size)(rows)
+
+    t_ours = timed(ours_evaluation, device)
 
     def generate_reference():
         for start in range(0, n, args.batch_size):
@@ -160,9 +236,13 @@ def run_variant(weights: str, four_bit: bool, config: dict, device, dtype, args)
                 )
 
     t_orig = timed(generate_reference, device)
-    print(f"{'evaluation (ex/s)':<22} {weights:<7} {n / t_ours:>12.1f} {n / t_orig:>12.1f} {t_orig / t_ours:>6.1f}x")
+    flops = counted(counter, ours_evaluation), counted(counter, generate_reference)
+    line("evaluation (ex/s)", n, (t_ours, t_orig), flops)
+    profiled(ours_evaluation, args, "evaluation, ours")
 
-    # SHAP value function: masked variants of one tweet, prefix-cached vs full prompt with all-position logits
+
+def shap_value_function(model, counter, prefix, rows, labels, device, args, line) -> None:
+    """Masked variants of one tweet, prefix-cached vs the full prompt with all-position logits."""
     scorer = LabelScorer(model, prefix, labels, batch_size=64)  # the instruction's cache computed once, as in SHAP
     tweet = rows[0]
     masked = [[tok if (i * 7 + j) % 3 else 0 for j, tok in enumerate(tweet)] for i in range(args.shap_evals)]
@@ -177,10 +257,10 @@ def run_variant(weights: str, four_bit: bool, config: dict, device, dtype, args)
                 torch.softmax(model(input_ids=chunk).logits[:, -1], -1)
 
     t_ours, t_orig = timed(ours_shap, device), timed(original_shap, device)
-    print(f"{'SHAP (s/example)':<22} {weights:<7} {t_ours:>12.3f} {t_orig:>12.3f} {t_orig / t_ours:>6.1f}x")
-    if device.type == "cuda":
-        print(f"peak GPU memory ({weights}): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        torch.cuda.reset_peak_memory_stats()
+    flops = counted(counter, ours_shap), counted(counter, original_shap)
+    line("SHAP (s/example)", 1, (t_ours, t_orig), flops, rate=False)
+    profiled(ours_shap, args, "SHAP, ours")
+    profiled(original_shap, args, "SHAP, original")
 
 
 def main() -> None:
@@ -188,6 +268,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--fit-batch-size", type=int, default=0, help="examples per fit step (default: batch-size / 4)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per path")
+    parser.add_argument("--weights", nargs="+", default=["bf16", "nf4"], help="variants to run")
     parser.add_argument("--shap-evals", type=int, default=200, help="masked variants per explained example")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,9 +281,12 @@ def main() -> None:
         variants.append(("nf4", True))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {name}; model: {'tiny ' if args.tiny else ''}Llama-3.2-1B shape, random weights, LoRA r=16 q/v")
-    print(f"{'phase':<22} {'weights':<7} {'ours':>12} {'original':>12} {'ratio':>7}")
-    for weights, four_bit in variants:
-        run_variant(weights, four_bit, config, device, dtype, args)
+    peak = peak_gflops(device, dtype)
+    print(f"matmul peak ({str(dtype).removeprefix('torch.')}, measured now): {peak:,.0f} GFLOP/s")
+    print(f"{'phase':<22} {'weights':<7} {'ours':>12} {'original':>12} {'ratio':>7} {'ours %pk':>9} {'orig %pk':>9}")
+    for weights, four_bit in [v for v in variants if v[0] in args.weights]:
+        with guarded(f"{weights} weights"):
+            run_variant(weights, four_bit, config, device, dtype, args, peak)
 
 
 if __name__ == "__main__":
