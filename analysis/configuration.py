@@ -64,9 +64,7 @@ class SentimentCLI(LightningCLI):
             os.environ["HF_TOKEN"] = token
             config.model.huggingface_token = None
         phase = self.phase if self.subcommand in (None, "fit") else "evaluation"  # no subcommand: load_run's phase
-        self.dtype_choice = _resolve_dtype(config, phase)
-        if self.subcommand == "fit":
-            _check_fit_precision(config)
+        self.dtype_choice = _resolve_dtype(config, phase, fit=self.subcommand == "fit")
         if not self.subcommand:  # built for evaluation or analysis: no Trainer, nothing written
             return
         root = config.trainer.get("default_root_dir") or os.getcwd()
@@ -118,8 +116,10 @@ class SentimentCLI(LightningCLI):
         return trainer
 
 
-def _resolve_dtype(config, phase: str):
-    """Replace `model.dtype: auto` by the dtype `phase` runs in; an unknown name is one sentence."""
+def _resolve_dtype(config, phase: str, fit: bool = False):
+    """Replace `model.dtype: auto` by the dtype `phase` runs in; an unknown name is one sentence. For a fit (`fit`),
+    the trainer's precision is checked and kept with the choice: under bf16-mixed the products of fp32 weights run in
+    bf16, and the log and run.json say so."""
     from lightning_modules.precision import DTYPE_NAMES, choose_dtype
 
     requested = config.model.get("dtype") or "auto"
@@ -129,7 +129,10 @@ def _resolve_dtype(config, phase: str):
 
     choice = choose_dtype(requested, config.model.model_name, phase)
     config.model.dtype = choice.dtype
-    (rank_zero_warn if choice.emulated else rank_zero_info)(f"{phase} computes in {choice.dtype}: {choice.reason}")
+    if fit:
+        _check_fit_precision(config)
+        choice = choice.under_precision(config.trainer.get("precision"))
+    (rank_zero_warn if choice.emulated else rank_zero_info)(f"{phase} computes in {choice.describe()}: {choice.reason}")
     return choice
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 GATES_FILE = Path(__file__).resolve().parents[1] / "assets" / "dtype_gates.json"
@@ -27,15 +27,41 @@ PHASES = ("fit", "evaluation", "explain")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
+# Lightning's `--trainer.precision` values under which a fit's products run in another dtype than the weights'.
+AUTOCAST = {"bf16-mixed": "bfloat16", "bf16": "bfloat16", "16-mixed": "float16", "16": "float16"}
+CAST = {"bf16-true": "bfloat16", "16-true": "float16"}
+
+
 @dataclass(frozen=True)
 class DtypeChoice:
-    dtype: str  # float32, bfloat16 or float16
+    dtype: str  # float32, bfloat16 or float16: the weights' dtype (and the products', without autocast)
     reason: str
     requested: str = "auto"  # what --model.dtype said: a command that runs another phase resolves it anew
     emulated: bool = False  # bf16 requested where the hardware only emulates it: a warning, not an error
+    precision: str | None = None  # the fit's --trainer.precision, where it changes the dtype the products run in
+
+    @property
+    def computes_in(self) -> str:
+        """The dtype the matrix products run in: the weights' dtype, or the one the trainer's precision imposes."""
+        return AUTOCAST.get(self.precision) or CAST.get(self.precision) or self.dtype
+
+    def describe(self) -> str:
+        if self.computes_in == self.dtype:
+            return self.dtype
+        how = "autocast" if self.precision in AUTOCAST else "weights cast"
+        return f"{self.computes_in} ({self.dtype} weights, {how} by --trainer.precision {self.precision})"
+
+    def under_precision(self, precision) -> DtypeChoice:
+        """This choice for a fit under Lightning's `--trainer.precision precision` (run.json and the log then say
+        what the products ran in: a bf16-mixed fit of fp32 weights computes in bf16)."""
+        precision = str(precision) if precision is not None else None
+        return replace(self, precision=precision if precision in AUTOCAST or precision in CAST else None)
 
     def as_dict(self) -> dict:
-        return {"dtype": self.dtype, "reason": self.reason, "requested": self.requested}
+        record = {"dtype": self.dtype, "reason": self.reason, "requested": self.requested}
+        if self.precision is not None:
+            record.update(computes_in=self.computes_in, trainer_precision=self.precision)
+        return record
 
 
 def hardware_kind() -> str:

@@ -118,3 +118,33 @@ def test_the_cli_resolves_auto_from_the_recorded_gates(tmp_path, tiny_model_dir,
     saved = next((tmp_path / "run" / "lightning_logs").glob("version_*/config.yaml"))
     dtype = yaml.safe_load(saved.read_text())["model"]["dtype"]
     assert dtype == ("bfloat16" if native_bf16(hardware_kind()) else "float32")
+
+
+@pytest.mark.parametrize(
+    ("weights", "precision", "record"),
+    [
+        ("float32", "bf16-mixed", {"computes_in": "bfloat16", "trainer_precision": "bf16-mixed"}),
+        ("float32", "16-mixed", {"computes_in": "float16", "trainer_precision": "16-mixed"}),
+        ("float32", "bf16-true", {"computes_in": "bfloat16", "trainer_precision": "bf16-true"}),
+        ("float32", "32-true", {}),
+        ("bfloat16", None, {}),
+    ],
+)
+def test_the_recorded_fit_dtype_is_what_the_products_ran_in(weights, precision, record):
+    """A fit of fp32 weights under --trainer.precision bf16-mixed (the Llama config on a GPU) multiplies in bf16: the
+    record run.json keeps says so beside the weights' dtype; a precision that changes nothing adds nothing."""
+    chosen = choose_dtype(weights, "any-model", "fit")
+    expected = {"dtype": weights, "reason": chosen.reason, "requested": weights, **record}
+    assert chosen.under_precision(precision).as_dict() == expected
+
+
+def test_a_mixed_precision_fit_says_its_products_run_in_bf16(tmp_path, tiny_model_dir, synthetic_folder):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, synthetic_folder, tmp_path / "run")
+    result = run_train(
+        "fit", "--config", str(config), "--model.dtype", "float32", "--trainer.precision", "bf16-mixed",
+        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "fit computes in bfloat16 (float32 weights, autocast by --trainer.precision bf16-mixed)" in log
+    assert "fit computes in float32:" not in log
