@@ -73,11 +73,9 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 def upcast_repeated(groups: int, x: torch.Tensor) -> torch.Tensor:
     """transformers' `repeat_kv` of the fp32 copy: key/value head h serves query heads h * groups ... + groups - 1."""
-    x = x.float()
-    if groups == 1:
-        return x
-    batch, heads, length, dim = x.shape
-    return x[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    return repeat_kv(x.float(), groups)
 
 
 class _BooleanMaskDropout(torch.autograd.Function):
