@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -144,7 +145,9 @@ class LabelScores:
 # hidden state (48 KB in fp32 for SmolLM2-135M). analyze.py on 3 embedded eval tweets, both models, max_evals 200
 # (2026-12-03): 4096 -> peak 1.68 GiB, 83 s; 2048 -> 1.52 GiB, 85 s; 1024 -> 1.43 GiB, 92 s; none -> 1.34 GiB, 101 s.
 # 2026-12-04, the same 3 tweets twice each: 2048 -> 1.52 GiB, 47.6 / 54.8 s explaining; 1536 -> 1.47 GiB, 50.2 /
-# 50.8 s; 1024 -> 1.43 GiB, 48.7 / 57.5 s (docs/benchmarks.md).
+# 50.8 s; 1024 -> 1.43 GiB, 48.7 / 57.5 s (docs/benchmarks.md). Past the bound the least recently used are dropped:
+# bench_explainers.py's 2 tweets then compute 4,299 positions per Partition explanation against the fewest possible
+# 4,152 (dropping them all at once, as before: 4,616).
 REMEMBERED_PREFIXES = 1536
 
 
@@ -154,7 +157,8 @@ class PrefixCache:
     Inside `with cache.remembering():` (or with `max_remembered > 0`), a `prefix_tree` `LabelScorer` also
     keeps here the continuation prefixes it computes (their key/value states and final hidden states), and later
     calls reuse them: the explainer asks for masked variants of the same tweet round after round (about 2,000-4,000
-    distinct prefixes per tweet at max_evals 200). Past `max_remembered` it forgets them all and starts over.
+    distinct prefixes per tweet at max_evals 200). Past `max_remembered` it drops the least recently used (computed
+    or reused) to make room: the explainer's next round refines the coalitions of its last ones.
     A reused state equals a recomputed one up to float rounding only, so scores then depend, in their last bits, on
     what ran before: scope the remembering to one independent job (one tweet's explanation) to keep runs
     bit-reproducible (a resumed or sharded run gives the same bytes).
@@ -197,7 +201,19 @@ class PrefixCache:
         The buffers stay allocated and are overwritten by the next job: faulting tens of fresh megabytes in again
         for every explained tweet costs more time than keeping them.
         """
-        self.slots: dict[tuple[int, ...], int] = {}  # continuation prefix -> its index in the buffers
+        # continuation prefix -> its index in the buffers, least recently used first; the indices in use are always
+        # 0 .. len - 1 (a slot is freed only to be written again at once)
+        self.slots: OrderedDict[tuple[int, ...], int] = OrderedDict()
+
+    def lookup(self, prefixes: Sequence[tuple[int, ...]]) -> list[int]:
+        """Each prefix's slot, -1 where it is not remembered; the remembered ones become the most recently used."""
+        found = []
+        for prefix in prefixes:
+            slot = self.slots.get(prefix, -1)
+            if slot >= 0:
+                self.slots.move_to_end(prefix)
+            found.append(slot)
+        return found
 
     def recall(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the instruction's keys/values followed by those of the remembered prefixes at `slots`."""
@@ -212,37 +228,37 @@ class PrefixCache:
         return self._hidden.index_select(0, slots)
 
     def remember(self, prefixes: Sequence[tuple[int, ...]], layers, hidden: torch.Tensor) -> None:
-        """Keep the states of new `prefixes`: per layer (keys, values) of shape (1, heads, len(prefixes), dim)."""
-        if not self.max_remembered:
+        """Keep the states of new `prefixes`: per layer (keys, values) of shape (1, heads, len(prefixes), dim), in
+        the slots of the least recently used ones when full (of more than fit, the last `max_remembered`)."""
+        capacity = self.max_remembered
+        if not capacity:
             return
-        if len(self.slots) + len(prefixes) > self.max_remembered:
-            self.forget()
-            if len(prefixes) > self.max_remembered:
-                return
+        skip = max(0, len(prefixes) - capacity)
+        prefixes, hidden = prefixes[skip:], hidden[skip:]
         used = len(self.slots)
+        dropped = max(0, used + len(prefixes) - capacity)
+        targets = [self.slots.popitem(last=False)[1] for _ in range(dropped)] + list(range(used, capacity))
+        index = torch.tensor(targets[: len(prefixes)], dtype=torch.long, device=hidden.device)
         if not self._states:
             self._states = [[None, None] for _ in layers]
-        for state, new in zip(self._states, layers):
-            state[0] = _write_at(state[0], used, new[0], dim=2, capacity=self.max_remembered)
-            state[1] = _write_at(state[1], used, new[1], dim=2, capacity=self.max_remembered)
-        self._hidden = _write_at(self._hidden, used, hidden, dim=0, capacity=self.max_remembered)
-        self.slots.update((prefix, used + k) for k, prefix in enumerate(prefixes))
+        for state, (keys, values) in zip(self._states, layers):
+            state[0] = _write_at(state[0], index, keys[:, :, skip:], dim=2, capacity=capacity)
+            state[1] = _write_at(state[1], index, values[:, :, skip:], dim=2, capacity=capacity)
+        self._hidden = _write_at(self._hidden, index, hidden, dim=0, capacity=capacity)
+        self.slots.update(zip(prefixes, index.tolist()))
 
 
-def _write_at(buffer: torch.Tensor | None, used: int, new: torch.Tensor, dim: int, capacity: int) -> torch.Tensor:
-    """`buffer` with `new` written after its first `used` entries along `dim`. A new buffer holds `capacity` entries
-    at once (pages a CPU never touches are never faulted in), so it is not copied while the job grows; past that
-    it doubles, which copies O(n) states rather than O(n^2)."""
-    needed = used + new.shape[dim]
-    if buffer is None or buffer.shape[dim] < needed:
+def _write_at(buffer: torch.Tensor | None, index: torch.Tensor, new: torch.Tensor, dim: int, capacity: int):
+    """`buffer` with `new` written at `index` along `dim`. A buffer holds `capacity` entries from the start (pages a
+    CPU never touches are never faulted in), so it is never copied while a job grows."""
+    if buffer is None or buffer.shape[dim] < capacity:
         shape = list(new.shape)
-        shape[dim] = max(needed, capacity, 2 * (buffer.shape[dim] if buffer is not None else 0))
+        shape[dim] = capacity
         grown = new.new_empty(shape)
-        if used:
-            grown.narrow(dim, 0, used).copy_(buffer.narrow(dim, 0, used))
+        if buffer is not None:
+            grown.narrow(dim, 0, buffer.shape[dim]).copy_(buffer)
         buffer = grown
-    buffer.narrow(dim, used, new.shape[dim]).copy_(new)
-    return buffer
+    return buffer.index_copy_(dim, index, new)
 
 
 def _device_of(model) -> torch.device:
@@ -327,7 +343,7 @@ def tree_logits(
     causal_lm = _causal_lm(model)
     decoder = causal_lm.get_decoder()
     device = _device_of(model)
-    slots = [prefix_cache.slots.get(p, -1) if prefix_cache else -1 for p in tree.prefixes]
+    slots = prefix_cache.lookup(tree.prefixes) if prefix_cache else [-1] * len(tree.prefixes)
     known = [node for node, slot in enumerate(slots) if slot >= 0]
     new = [node for node, slot in enumerate(slots) if slot < 0]
     known_slots = torch.tensor([slots[node] for node in known], dtype=torch.long, device=device)

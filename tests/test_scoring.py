@@ -143,6 +143,32 @@ def test_remembered_prefixes_carry_over_between_calls(tiny_model):
     assert len(distinct) < sum(len(c) for c in continuations)
 
 
+def test_a_full_cache_drops_the_least_recently_used_prefixes(tiny_model):
+    """Three 3-token continuations with no shared token and room for 6 prefixes: reusing `a` makes `b` the least
+    recently used, so remembering `c` drops `b` and keeps `a`. Positions computed, counted by hand, and every score
+    equals a plain forward (`c`'s states were written into `b`'s old slots)."""
+    a, b, c = [4, 5, 6], [7, 8, 9], [12, 13, 14]
+    positions = []
+    hook = tiny_model.get_input_embeddings().register_forward_hook(lambda m, i, out: positions.append(out.shape[1]))
+    tree = scorer(tiny_model, mode="prefix_tree", batch_size=4)
+    tree.prefix_cache = PrefixCache(tiny_model, PREFIX, torch.device("cpu"), max_remembered=6)
+    computed = []
+    try:
+        for continuations in ([a], [b], [a], [c], [a], [c + [15]], [b], [a + [16, 17, 18, 19, 20, 21, 22]]):
+            positions.clear()
+            got = tree(continuations)
+            computed.append(sum(positions))
+            assert np.abs(got.probabilities - one_by_one(tiny_model, continuations)).max() <= 1e-5
+    finally:
+        hook.remove()
+    # a, b new; a reused; c drops b; a still there; c's child on c's states, dropping a's first token; b again,
+    # dropping a's other two and c's first; then 10 new prefixes under a, more than fit: the deepest 6 are kept
+    assert computed == [3, 3, 0, 3, 0, 1, 3, 10]
+    longest = a + [16, 17, 18, 19, 20, 21, 22]
+    assert set(tree.prefix_cache.slots) == {tuple(longest[:k]) for k in range(5, 11)}
+    assert sorted(tree.prefix_cache.slots.values()) == list(range(6))
+
+
 def test_shared_prefixes_without_instruction(tiny_model):
     continuations = shared_continuations(seed=1, n=12)
     got = scorer(tiny_model, prefix=[], mode="prefix_tree", batch_size=5)(continuations)
