@@ -237,8 +237,9 @@ class PrefixCache:
         prefixes, hidden = prefixes[skip:], hidden[skip:]
         used = len(self.slots)
         dropped = max(0, used + len(prefixes) - capacity)
-        targets = [self.slots.popitem(last=False)[1] for _ in range(dropped)] + list(range(used, capacity))
-        index = torch.tensor(targets[: len(prefixes)], dtype=torch.long, device=hidden.device)
+        freed = [self.slots.popitem(last=False)[1] for _ in range(dropped)]  # the least recently used slots
+        targets = freed + list(range(used, used + len(prefixes) - dropped))
+        index = torch.tensor(targets, dtype=torch.long, device=hidden.device)
         if not self._states:
             self._states = [[None, None] for _ in layers]
         for state, (keys, values) in zip(self._states, layers):
