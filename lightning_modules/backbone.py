@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -158,3 +159,35 @@ def attach_lora(
     if not gradient_checkpointing:  # checkpointed layers keep only their inputs already
         keep_half_precision_for_backward(model)
     return model
+
+
+class AdapterSwitch:
+    """Turns a peft model's adapters off and on again: what `PeftModel.disable_adapter()` does for LoRA, made cheap.
+
+    Our own because peft's context manager walks every module of the model three times per use (a status check,
+    then the disable and the enable walks): 31 ms per use on SmolLM2-135M, 2 cores, paid on each value-function call
+    of an explainer that reads the zero-shot model (18 calls per tweet for partition: 7 % of its time over the
+    prefix-cached value function). The adapter layers never change after `attach_lora`, so they are found once here
+    and each gets the same `enable_adapters` call peft's walks make (which also sets the adapter weights'
+    `requires_grad` back, as peft does).
+    """
+
+    def __init__(self, model):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        self.model = model
+        self.layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        was_disabled = self.model._adapters_disabled
+        for layer in self.layers:
+            layer.enable_adapters(False)
+        self.model._adapters_disabled = True
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.enable_adapters(True)
+            self.model._adapters_disabled = was_disabled

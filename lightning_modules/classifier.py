@@ -21,7 +21,7 @@ from torchmetrics.classification import (
 from foundation.embedded_model import EMBEDDED_MODEL
 from foundation.errors import UserInputError
 from foundation.hub import resolve_token
-from lightning_modules.backbone import attach_lora, load_causal_lm, use_4bit
+from lightning_modules.backbone import AdapterSwitch, attach_lora, load_causal_lm, use_4bit
 from lightning_modules.checkpointing import random_states, restore_random_states
 from lightning_modules.scoring import LabelScorer, logits_at_positions
 
@@ -103,6 +103,7 @@ class LoRASentimentClassifier(L.LightningModule):
         )
         # Checkpoints carry only the LoRA weights; the frozen base is reloaded from model_name.
         self._adapter_enabled = True
+        self._adapter_switch = AdapterSwitch(self.backbone)
         self._resumed_random_states: list[dict] | None = None  # from a checkpoint, applied when training starts
         # predict's scorer per prompt prefix (the k-shot prompt has its own)
         self._scorers: dict[tuple[int, ...], LabelScorer] = {}
@@ -128,7 +129,7 @@ class LoRASentimentClassifier(L.LightningModule):
             return
         if enabled:
             raise RuntimeError("the adapter cannot be enabled inside a block that disabled it")
-        with self.backbone.disable_adapter():
+        with self._adapter_switch.off():
             self._adapter_enabled = False
             try:
                 yield

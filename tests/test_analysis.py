@@ -170,14 +170,15 @@ def test_additivity_and_the_budget(encoder, base_model):
 def test_opening_coalitions_are_the_explainers_first_requests(encoder, base_model):
     """What is scored ahead in one forward is exactly what the explainer asks for first, in any budget; scoring it
     ahead changes no value beyond float rounding."""
-    from analysis.explanation.shap_values import MASKS_PER_ROUND, opening_coalitions
+    from analysis.explanation.shap_values import MASKS_PER_ROUND, evals_for_exact_owen, opening_coalitions
 
     masker = tweet_masker(encoder)
     text = max(TWEETS, key=lambda t: len(encoder.tweet_ids(t)))
     value = LabelProbabilities.for_model(base_model, encoder, batch_size=8)
     plain = LabelProbabilities.for_model(base_model, encoder, batch_size=8, mode="padded")  # no lookahead
     assert value.remembers and not plain.remembers
-    for max_evals in (6, 12, 200):
+    # budgets below the full expansion: shap's own rounds (a full budget skips them, see the tests below)
+    for max_evals in (6, 12, evals_for_exact_owen(masker.clustering(text)) - 2):
         requests: list[list[str]] = []
 
         def recording(texts, requests=requests):
@@ -193,6 +194,69 @@ def test_opening_coalitions_are_the_explainers_first_requests(encoder, base_mode
         assert max(len(call) for call in requests) <= MASKS_PER_ROUND
         ahead = explain_tweet(text, {"m": value}, masker, max_evals)
         np.testing.assert_allclose(ahead["models"]["m"]["values"], explained["models"]["m"]["values"], atol=1e-6)
+
+
+def test_a_full_budget_gives_shaps_values_in_one_call(encoder, base_model):
+    """A budget that splits every group skips shap's rounds (`exact_owen`): values, base values, shared credit and
+    evaluation count are those of shap's own Partition explainer on the same value function, with every coalition
+    asked for in one call."""
+    from analysis.explanation.shap_values import MASKS_PER_ROUND, shared_credit_fraction
+
+    plain = LabelProbabilities.for_model(base_model, encoder, batch_size=8, mode="padded")
+    cases = [("words", TWEETS[1]), ("words", TWEETS[2]), ("tokens", TWEETS[1]), ("tokens", "i can't love this bus")]
+    for features, text in cases:
+        masker = tweet_masker(encoder, features)
+        calls: list[int] = []
+
+        def recording(texts, calls=calls):
+            calls.append(len(texts))
+            return plain(texts)
+
+        explained = explain_tweet(text, {"m": recording}, masker, max_evals=10_000)
+        ours = explained["models"]["m"]
+        assert len(calls) == 1
+        explainer = shap.explainers.Partition(plain, masker)
+        theirs = explainer([text], max_evals=10_000, batch_size=MASKS_PER_ROUND, silent=True)
+        n_features = len(theirs.values[0])
+        np.testing.assert_allclose(ours["values"], theirs.values[0], atol=1e-6)
+        np.testing.assert_allclose(ours["base_values"], theirs.base_values[0], atol=1e-6)
+        shared = shared_credit_fraction(theirs.hierarchical_values[0], n_features)
+        np.testing.assert_allclose(ours["shared_credit_fraction"], shared, atol=1e-6)
+        assert explained["evals_used"] == explainer.last_eval_count + 2
+
+
+def test_a_full_budget_gives_owen_values_by_their_definition(encoder, base_model):
+    """Owen values against their definition: marginal contributions averaged over every ordering of the words in
+    which every group of the partition tree stays together, each coalition one plain forward."""
+    import itertools
+
+    text = TWEETS[1]
+    words = text.split()
+    n = len(words)
+    masker = tweet_masker(encoder, "words")
+    clustering = np.asarray(masker.clustering(text))
+    groups = [{leaf} for leaf in range(n)]
+    for left, right in clustering[:, :2].astype(int):
+        groups.append(groups[left] | groups[right])
+    coalitions = [frozenset(i for i in range(n) if bits >> i & 1) for bits in range(2**n)]
+    kept = [" ".join(w for i, w in enumerate(words) if i in members) for members in coalitions]
+    value = dict(zip(coalitions, plain_forward(base_model, encoder, kept)))
+    phi, orderings = np.zeros((n, len(LABELS))), 0
+    for order in itertools.permutations(range(n)):
+        position = {feature: k for k, feature in enumerate(order)}
+        if any(max(position[i] for i in g) - min(position[i] for i in g) + 1 != len(g) for g in groups[n:]):
+            continue
+        orderings += 1
+        members: frozenset = frozenset()
+        for i in order:
+            phi[i] += value[members | {i}] - value[members]
+            members = members | {i}
+    phi /= orderings
+    assert orderings == 2 ** (n - 1)  # a binary tree: each group's two halves in either order
+    plain = LabelProbabilities.for_model(base_model, encoder, batch_size=8, mode="padded")
+    explained = explain_tweet(text, {"m": plain}, masker, max_evals=10_000)
+    np.testing.assert_allclose(explained["models"]["m"]["values"], phi, atol=1e-6)
+    np.testing.assert_allclose(explained["models"]["m"]["base_values"], value[frozenset()], atol=1e-6)
 
 
 # ---- model states -----------------------------------------------------------------------------------------------

@@ -131,8 +131,12 @@ def test_zero_shot_is_the_untouched_base_model_after_training(synthetic_folder, 
     before_training = label_logits(module, batch)
     torch.testing.assert_close(before_training, plain[:, module.label_token_ids])  # LoRA B starts at zero
     trainer(tmp_path, max_steps=4, enable_checkpointing=False).fit(module, dm)
+    trainable = sorted(name for name, p in module.backbone.named_parameters() if p.requires_grad)
     torch.testing.assert_close(label_logits_zero_shot(module, batch), plain[:, module.label_token_ids])
     assert (label_logits(module, batch) - before_training).abs().max() > 1e-3
+    # after the zero-shot read the adapter trains again: the same LoRA weights require gradients
+    assert trainable and all("lora_" in name for name in trainable)
+    assert sorted(name for name, p in module.backbone.named_parameters() if p.requires_grad) == trainable
 
 
 def test_prefix_cached_scores_equal_plain_forward(synthetic_folder, tiny_model_dir, tmp_path):

@@ -316,6 +316,82 @@ def explain_tweet(
         return _explain_tweet(text, joint, masker, max_evals, seed, score_openings=joint.remembers)
 
 
+def group_members(clustering: np.ndarray) -> list[np.ndarray]:
+    """Per node of a linkage matrix (leaves first, then its rows), the boolean mask of the features it holds."""
+    clustering = np.asarray(clustering)
+    n_tokens = len(clustering) + 1
+    members = [np.arange(n_tokens) == leaf for leaf in range(n_tokens)]
+    for left, right in clustering[:, :2].astype(int):  # a row's children come before it
+        members.append(members[left] | members[right])
+    return members
+
+
+def exact_owen(text: str, joint: JointValueFunction, masker: TweetMasker) -> dict:
+    """Exactly what shap's Partition explainer computes when its budget splits every group (`fixed_context=None`,
+    `evals_for_exact_owen` evaluations), with every coalition scored in one call.
+
+    Our own driver because with such a budget the coalitions do not depend on the model's answers: shap's priority
+    queue only orders the work, in rounds of at most `MASKS_PER_ROUND` as the queue drains. Known up front, they go
+    to the value function at once: a prefix-tree scorer then runs them as a few large trees in lexicographic order,
+    computing each distinct prefix about once, instead of one small forward per round. The recursion is shap's
+    `owen` without the queue: splitting group g in context C (weight w) scores C + left and C + right and queues each
+    child in both contexts (its sibling absent and present) at weight w / 2; a single feature keeps
+    (f(C + feature) - f(C)) x w. shap's Text masker gives every group a positive height (its rescaled size), so
+    shap splits every group too. Values equal shap's up to float rounding (tests/test_analysis.py checks them against
+    shap and against Owen's definition).
+    """
+    clustering = np.asarray(masker.clustering(text))
+    n_tokens = len(clustering) + 1
+    group = group_members(clustering)
+    root = 2 * n_tokens - 2
+    empty, full = np.zeros(n_tokens, dtype=bool), np.ones(n_tokens, dtype=bool)
+
+    def split_coalitions() -> Iterator[np.ndarray]:
+        """Context + left child and context + right child of every split of every group in every context."""
+        stack = [(empty, root)]
+        while stack:
+            context, node = stack.pop()
+            if node < n_tokens:
+                continue
+            left, right = clustering[node - n_tokens, :2].astype(int)
+            with_left, with_right = context | group[left], context | group[right]
+            yield from (with_left, with_right)
+            stack += [(with_left, right), (with_right, left), (context, right), (context, left)]
+
+    requested = [empty, full, *split_coalitions()]
+    texts = [mask_tweet(masker, text, keep) for keep in requested]
+    unique = list(dict.fromkeys(texts))
+    scores = dict(zip(unique, joint(unique)))
+    value = dict(zip((keep.tobytes() for keep in requested), (scores[t] for t in texts)))
+
+    def f(keep: np.ndarray) -> np.ndarray:
+        return value[keep.tobytes()]
+
+    hierarchical = np.zeros((2 * n_tokens - 1, len(scores[texts[0]])))
+    stack = [(empty, root, f(empty), f(full), 1.0)]
+    while stack:
+        context, node, f00, f11, weight = stack.pop()
+        if node < n_tokens:
+            hierarchical[node] += (f11 - f00) * weight
+            continue
+        left, right = clustering[node - n_tokens, :2].astype(int)
+        with_left, with_right = context | group[left], context | group[right]
+        f10, f01, half = f(with_left), f(with_right), weight / 2
+        stack += [
+            (with_left, right, f10, f11, half),
+            (with_right, left, f01, f11, half),
+            (context, right, f00, f01, half),
+            (context, left, f00, f10, half),
+        ]
+    return {
+        "values": hierarchical[:n_tokens],
+        "base_values": f(empty),
+        "hierarchical_values": hierarchical,
+        "evals_used": len(requested),
+        "clustering": clustering,
+    }
+
+
 def opening_coalitions(masker: TweetMasker, text: str, max_evals: int) -> list[str]:
     """The masked tweets the Partition explainer asks for first, whatever the model says: the empty and the full
     tweet, then every round whose queue it empties (each group split in both contexts), up to the first round that
@@ -327,19 +403,7 @@ def opening_coalitions(masker: TweetMasker, text: str, max_evals: int) -> list[s
     """
     clustering = np.asarray(masker.clustering(text))
     n_tokens = len(clustering) + 1
-    leaves: dict[int, np.ndarray] = {}
-
-    def group(node: int) -> np.ndarray:
-        if node not in leaves:
-            members = np.zeros(n_tokens, dtype=bool)
-            if node < n_tokens:
-                members[node] = True
-            else:
-                left, right = clustering[node - n_tokens, :2].astype(int)
-                members = group(left) | group(right)
-            leaves[node] = members
-        return leaves[node]
-
+    group = group_members(clustering)
     masks = [np.zeros(n_tokens, dtype=bool), np.ones(n_tokens, dtype=bool)]
     queue = [(masks[0], 2 * n_tokens - 2)]  # (context, group to split), as the explainer queues them
     evaluated = 0
@@ -350,7 +414,7 @@ def opening_coalitions(masker: TweetMasker, text: str, max_evals: int) -> list[s
         queue = []
         for context, node in internal:
             left, right = clustering[node - n_tokens, :2].astype(int)
-            with_left, with_right = context | group(left), context | group(right)
+            with_left, with_right = context | group[left], context | group[right]
             masks += [with_left, with_right]
             queue += [(context, left), (context, right), (with_right, left), (with_left, right)]
         evaluated += 2 * len(internal)
@@ -374,6 +438,12 @@ def _explain_tweet(
         base, full = joint([""])[0], joint([text])[0]
         values, evals_used, evals_exact = (full - base)[None, :], 2, 2
         shared = np.zeros_like(full)
+    elif max_evals >= evals_for_exact_owen(masker.clustering(text)):
+        # the budget splits every group: shap's result without its rounds (see `exact_owen`)
+        exact = exact_owen(text, joint, masker)
+        values, base, evals_used = exact["values"], exact["base_values"], exact["evals_used"]
+        evals_exact = evals_for_exact_owen(exact["clustering"])
+        shared = shared_credit_fraction(exact["hierarchical_values"], len(segments))
     else:
         if score_openings:
             joint(opening_coalitions(masker, text, max_evals))  # one forward; the explainer's first calls reuse it
