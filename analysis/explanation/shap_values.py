@@ -335,61 +335,46 @@ def exact_owen(text: str, joint: JointValueFunction, masker: TweetMasker) -> dic
     to the value function at once: a prefix-tree scorer then runs them as a few large trees in lexicographic order,
     computing each distinct prefix about once, instead of one small forward per round. The recursion is shap's
     `owen` without the queue: splitting group g in context C (weight w) scores C + left and C + right and queues each
-    child in both contexts (its sibling absent and present) at weight w / 2; a single feature keeps
-    (f(C + feature) - f(C)) x w. shap's Text masker gives every group a positive height (its rescaled size), so
-    shap splits every group too. Values equal shap's up to float rounding (tests/test_analysis.py checks them against
-    shap and against Owen's definition).
+    child in both contexts (its sibling absent and present) at weight w / 2; a single feature reached in context C
+    with weight w gets (f(C + feature) - f(C)) x w. shap's Text masker gives every group a positive height (its
+    rescaled size), so shap splits every group too. Values equal shap's up to float rounding (tests/test_analysis.py
+    checks them against shap and against Owen's definition).
     """
     clustering = np.asarray(masker.clustering(text))
     n_tokens = len(clustering) + 1
     group = group_members(clustering)
-    root = 2 * n_tokens - 2
     empty, full = np.zeros(n_tokens, dtype=bool), np.ones(n_tokens, dtype=bool)
-
-    def split_coalitions() -> Iterator[np.ndarray]:
-        """Context + left child and context + right child of every split of every group in every context."""
-        stack = [(empty, root)]
-        while stack:
-            context, node = stack.pop()
-            if node < n_tokens:
-                continue
-            left, right = clustering[node - n_tokens, :2].astype(int)
-            with_left, with_right = context | group[left], context | group[right]
-            yield from (with_left, with_right)
-            stack += [(with_left, right), (with_right, left), (context, right), (context, left)]
-
-    requested = [empty, full, *split_coalitions()]
-    texts = [mask_tweet(masker, text, keep) for keep in requested]
-    unique = list(dict.fromkeys(texts))
-    scores = dict(zip(unique, joint(unique)))
-    value = dict(zip((keep.tobytes() for keep in requested), (scores[t] for t in texts)))
-
-    def f(keep: np.ndarray) -> np.ndarray:
-        return value[keep.tobytes()]
-
-    hierarchical = np.zeros((2 * n_tokens - 1, len(scores[texts[0]])))
-    stack = [(empty, root, f(empty), f(full), 1.0)]
+    requested = [empty, full]
+    # Each feature's value is a sum of (f(plus) - f(minus)) x weight over the contexts it is reached in: walk the tree
+    # once for the coalitions and those terms, then score every coalition in one call.
+    terms: list[tuple[int, np.ndarray, np.ndarray, float]] = []  # (feature, plus, minus, weight)
+    stack = [(2 * n_tokens - 2, full, empty, 1.0)]  # (node, context + node, context, weight)
     while stack:
-        context, node, f00, f11, weight = stack.pop()
+        node, plus, minus, weight = stack.pop()
         if node < n_tokens:
-            hierarchical[node] += (f11 - f00) * weight
+            terms.append((node, plus, minus, weight))
             continue
         left, right = clustering[node - n_tokens, :2].astype(int)
-        with_left, with_right = context | group[left], context | group[right]
-        f10, f01, half = f(with_left), f(with_right), weight / 2
+        with_left, with_right = minus | group[left], minus | group[right]
+        requested += [with_left, with_right]
+        half = weight / 2
         stack += [
-            (with_left, right, f10, f11, half),
-            (with_right, left, f01, f11, half),
-            (context, right, f00, f01, half),
-            (context, left, f00, f10, half),
+            (right, plus, with_left, half),
+            (left, plus, with_right, half),
+            (right, with_right, minus, half),
+            (left, with_left, minus, half),
         ]
-    return {
-        "values": hierarchical[:n_tokens],
-        "base_values": f(empty),
-        "hierarchical_values": hierarchical,
-        "evals_used": len(requested),
-        "clustering": clustering,
-    }
+    texts = {keep.tobytes(): mask_tweet(masker, text, keep) for keep in requested}
+    unique = list(dict.fromkeys(texts.values()))
+    scores = dict(zip(unique, joint(unique)))
+
+    def f(keep: np.ndarray) -> np.ndarray:
+        return scores[texts[keep.tobytes()]]
+
+    values = np.zeros((n_tokens, len(scores[unique[0]])))
+    for feature, plus, minus, weight in terms:
+        values[feature] += (f(plus) - f(minus)) * weight
+    return {"values": values, "base_values": f(empty), "evals_used": len(requested), "clustering": clustering}
 
 
 def opening_coalitions(masker: TweetMasker, text: str, max_evals: int) -> list[str]:
@@ -443,7 +428,7 @@ def _explain_tweet(
         exact = exact_owen(text, joint, masker)
         values, base, evals_used = exact["values"], exact["base_values"], exact["evals_used"]
         evals_exact = evals_for_exact_owen(exact["clustering"])
-        shared = shared_credit_fraction(exact["hierarchical_values"], len(segments))
+        shared = np.zeros_like(base)  # every group split: no credit left on a group
     else:
         if score_openings:
             joint(opening_coalitions(masker, text, max_evals))  # one forward; the explainer's first calls reuse it
