@@ -326,9 +326,10 @@ def group_members(clustering: np.ndarray) -> list[np.ndarray]:
     return members
 
 
-def exact_owen(text: str, joint: JointValueFunction, masker: TweetMasker) -> dict:
+def exact_owen(text: str, joint: JointValueFunction, masker: TweetMasker) -> tuple[np.ndarray, np.ndarray, int]:
     """Exactly what shap's Partition explainer computes when its budget splits every group (`fixed_context=None`,
-    `evals_for_exact_owen` evaluations), with every coalition scored in one call.
+    `evals_for_exact_owen` evaluations), with every coalition scored in one call: (values (features, outputs), base
+    values, evaluations asked for).
 
     Our own driver because with such a budget the coalitions do not depend on the model's answers: shap's priority
     queue only orders the work, in rounds of at most `MASKS_PER_ROUND` as the queue drains. Known up front, they go
@@ -374,7 +375,7 @@ def exact_owen(text: str, joint: JointValueFunction, masker: TweetMasker) -> dic
     values = np.zeros((n_tokens, len(scores[unique[0]])))
     for feature, plus, minus, weight in terms:
         values[feature] += (f(plus) - f(minus)) * weight
-    return {"values": values, "base_values": f(empty), "evals_used": len(requested), "clustering": clustering}
+    return values, f(empty), len(requested)
 
 
 def opening_coalitions(masker: TweetMasker, text: str, max_evals: int) -> list[str]:
@@ -423,11 +424,9 @@ def _explain_tweet(
         base, full = joint([""])[0], joint([text])[0]
         values, evals_used, evals_exact = (full - base)[None, :], 2, 2
         shared = np.zeros_like(full)
-    elif max_evals >= evals_for_exact_owen(masker.clustering(text)):
+    elif max_evals >= (evals_exact := evals_for_exact_owen(masker.clustering(text))):
         # the budget splits every group: shap's result without its rounds (see `exact_owen`)
-        exact = exact_owen(text, joint, masker)
-        values, base, evals_used = exact["values"], exact["base_values"], exact["evals_used"]
-        evals_exact = evals_for_exact_owen(exact["clustering"])
+        values, base, evals_used = exact_owen(text, joint, masker)
         shared = np.zeros_like(base)  # every group split: no credit left on a group
     else:
         if score_openings:
@@ -438,7 +437,6 @@ def _explain_tweet(
         values = np.asarray(explanation.values[0], dtype=float)
         base = np.asarray(explanation.base_values[0], dtype=float)
         evals_used = int(explainer.last_eval_count) + 2
-        evals_exact = evals_for_exact_owen(explanation.clustering[0])
         shared = shared_credit_fraction(explanation.hierarchical_values[0], len(segments))
     values_by, base_by, shared_by = joint.split(values), joint.split(base), joint.split(shared)
     models = {
