@@ -101,6 +101,28 @@ class WorkCounter:
         body = 2.0 * (self.body_params + self.lora_params) * work.positions
         return body + 2.0 * self.head_params * work.head_positions
 
+    def fewest_linear_flops(self, positions: int, ends: int, head_rows: int) -> float:
+        """The fewest linear FLOPs that compute exact outputs at `ends` of `positions` distinct prefixes: every
+        layer's weights at every position, except the last layer, whose output is read at the ends only; elsewhere
+        it needs just its key and value projections (later positions attend to them). Plus `head_rows` rows of the
+        lm_head at each end (the label tokens a value function reads)."""
+        last = self.last_layer_params
+        every_position = self.body_params + self.lora_params - last["all"] + last["keys_values"]
+        at_ends = last["all"] - last["keys_values"] + head_rows * self.head.weight.shape[1]
+        return 2.0 * (every_position * positions + at_ends * ends)
+
+    @property
+    def last_layer_params(self) -> dict:
+        """The last decoder layer's weights as `linear_flops` counts them (`all`; LoRA's only while active) and
+        those of its key and value projections (`keys_values`; 0 where no `k_proj` / `v_proj` is found)."""
+        counted = [
+            (name.split(".")[:-1], p.numel())
+            for name, p in self.decoder.layers[-1].named_parameters()
+            if self.lora_params or "lora_" not in name
+        ]
+        keys_values = sum(n for parts, n in counted if "k_proj" in parts or "v_proj" in parts)
+        return {"all": sum(n for _, n in counted), "keys_values": keys_values}
+
     def attention_flops(self, work: Work) -> float:
         return 4.0 * self.layers * self.attention_width * work.keys
 
@@ -128,6 +150,31 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, trials: int = 5, se
         for _ in range(repeats):
             torch.matmul(a, b, out=out)
         best = max(best, repeats * flops / (time.perf_counter() - start))
+    return best / 1e9
+
+
+def layer_matmul_gflops(
+    layer: torch.nn.Module, dtype: torch.dtype, rows: tuple[int, ...] = (512, 1024, 2048), seconds: float = 0.3
+) -> float:
+    """Best achieved GFLOP/s of one decoder layer's own linear products as the model runs them (every 2-D weight
+    but LoRA's, one `F.linear` each, on random inputs of `rows` rows), over the row counts in `rows`: the rate a
+    path that computes this layer's products one weight at a time reaches at best on this machine."""
+    weights = [p.detach().to(dtype) for name, p in layer.named_parameters() if p.dim() == 2 and "lora_" not in name]
+    flops_per_row = 2.0 * sum(w.numel() for w in weights)
+
+    def products(inputs: dict[int, torch.Tensor]) -> None:
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    best = 0.0
+    for count in rows:
+        inputs = {w.shape[1]: torch.randn(count, w.shape[1]).to(dtype) for w in weights}
+        products(inputs)  # warm-up
+        start, calls = time.perf_counter(), 0
+        while calls == 0 or time.perf_counter() - start < seconds:
+            products(inputs)
+            calls += 1
+        best = max(best, flops_per_row * count * calls / (time.perf_counter() - start))
     return best / 1e9
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.accounting import Work, WorkCounter, matmul_peak_gflops
+from bench.accounting import Work, WorkCounter, layer_matmul_gflops, matmul_peak_gflops
 from bench.bench_all import (
     format_table,
     json_row,
@@ -63,6 +63,39 @@ def test_forward_flops_follow_the_documented_formula(tiny_llama):
     assert counter.forward_flops(work) == linear + attention
     # Frozen base: activation gradients only (1x) for weights, both inputs (2x) for the attention products.
     assert counter.fit_flops(work) == 2 * linear + 3 * attention
+
+
+def test_fewest_flops_read_the_last_layer_at_the_ends_only(tiny_llama):
+    """Every layer at every position, but the last layer's q, o, MLP and norms only at the ends (its k and v
+    everywhere), plus the label rows of the head at the ends; with LoRA, its weights go with their projection."""
+    from peft import LoraConfig, get_peft_model
+
+    counter = WorkCounter(tiny_llama)
+    layer = 256 + 128 + 128 + 256 + 3 * 512 + 32  # q, k, v, o, MLP, two norms
+    assert counter.last_layer_params == {"all": layer, "keys_values": 128 + 128}
+    every_position = 2 * layer + 16 - layer + 256  # both layers and the final norm, less the last layer's reads
+    at_ends = layer - 256 + 3 * 16  # the last layer's reads and 3 label rows of the 16-wide head
+    assert counter.fewest_linear_flops(positions=7, ends=2, head_rows=3) == 2 * (every_position * 7 + at_ends * 2)
+    assert counter.fewest_linear_flops(7, 7, 3) < counter.linear_flops(Work(positions=7, head_positions=7))
+    peft_model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    try:
+        active = WorkCounter(peft_model, lora_active=True)
+        # r = 2: q's A 2x16 and B 16x2 (64), v's A 2x16 and B 8x2 (48)
+        assert active.last_layer_params == {"all": layer + 64 + 48, "keys_values": 256 + 48}
+        assert WorkCounter(peft_model).last_layer_params == {"all": layer, "keys_values": 256}
+    finally:
+        peft_model.unload()
+
+
+def test_layer_rate_counts_the_layers_own_products(tiny_llama, monkeypatch):
+    """With a clock that advances 0.5 ms per reading, each row count runs its products once between two readings
+    and is timed over the next two: 2 x (q, k, v, o and the MLP's weights, no norm) x rows / 1 ms, best at 8 rows."""
+    import bench.accounting as accounting
+
+    readings = iter(range(1000))
+    monkeypatch.setattr(accounting.time, "perf_counter", lambda: next(readings) * 5e-4)
+    rate = layer_matmul_gflops(tiny_llama.model.layers[-1], torch.float32, rows=(4, 8), seconds=1e-4)
+    assert rate == pytest.approx(2 * (256 + 128 + 128 + 256 + 3 * 512) * 8 / 1e-3 / 1e9)
 
 
 def test_counter_counts_only_active_lora_and_what_a_4d_mask_allows(tiny_llama):
