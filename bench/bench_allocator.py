@@ -99,7 +99,7 @@ def main() -> int:
     if unknown:
         print(f"unknown workload(s) {', '.join(unknown)} in --workloads; choose from {', '.join(WORKLOADS)}")
         return 2
-    if not platform.libc_ver()[0] == "glibc":
+    if platform.libc_ver()[0] != "glibc":
         print("this benchmark measures glibc's allocator: run it on Linux with glibc")
         return 2
     if args.repeats < 1:
