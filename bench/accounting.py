@@ -20,6 +20,7 @@ assumes every weight is trained and would overstate a frozen-base LoRA step by a
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -183,23 +184,42 @@ def layer_matmul_gflops(
 # (v)forked image over the exec into the child's `ru_maxrss`, so wait4 would report at least this parent's peak. A small
 # launcher in between (what /usr/bin/time does) starts the measured command from a fresh, small image.
 _LAUNCHER = """
-import os, subprocess, sys
+import json, os, subprocess, sys
 process = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(process.pid, 0)
-open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+fields = ("ru_maxrss", "ru_utime", "ru_stime", "ru_minflt")
+open(sys.argv[1], "w").write(json.dumps({name: getattr(usage, name) for name in fields}))
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
+def run_with_usage(command: list[str], **popen) -> tuple[int, float, dict]:
+    """Run `command` (its argv) in its own process: exit code, seconds, and its own resource usage: peak resident set
+    in GiB, user and system CPU seconds, minor page faults (empty if the launcher could not report them)."""
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "usage"
+        start = time.perf_counter()
+        code = subprocess.call([sys.executable, "-c", _LAUNCHER, str(report), *command], **popen)
+        seconds = time.perf_counter() - start
+        usage = json.loads(report.read_text()) if report.is_file() else {}
+    if not usage:
+        return code, seconds, {}
+    return (
+        code,
+        seconds,
+        {
+            "peak_rss_gib": usage["ru_maxrss"] / 2**20,  # KiB on Linux
+            "user_s": usage["ru_utime"],
+            "sys_s": usage["ru_stime"],
+            "minor_faults": usage["ru_minflt"],
+        },
+    )
+
+
 def run_measured(command: list[str], **popen) -> tuple[int, float, float]:
     """Run `command` (its argv) in its own process: exit code, its own peak resident set in GiB, seconds."""
-    with tempfile.TemporaryDirectory() as folder:
-        peak = Path(folder) / "peak"
-        start = time.perf_counter()
-        code = subprocess.call([sys.executable, "-c", _LAUNCHER, str(peak), *command], **popen)
-        seconds = time.perf_counter() - start
-        kib = int(peak.read_text()) if peak.is_file() else 0
-    return code, kib / 2**20, seconds  # ru_maxrss is in KiB on Linux
+    code, seconds, usage = run_with_usage(command, **popen)
+    return code, usage.get("peak_rss_gib", 0.0), seconds
 
 
 def cpu_model() -> str:

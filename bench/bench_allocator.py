@@ -9,9 +9,11 @@ kept      the child first calls mallopt(M_MMAP_THRESHOLD, 32 MiB) and mallopt(M_
 The project does not change the allocator: on the Intel host of 2026-12-06 this measured no gain beyond noise
 (docs/benchmarks.md). The benchmark stays so that a host where page faults do cost can be measured with one command.
 Each workload is one of the other benchmarks, run as a child process (the setting is one of the whole process),
-default and kept alternating, `--repeats` times each; the fastest run of each side is kept. Measured by the parent from
-the child's resource usage (os.wait4): wall seconds (model load included), user and system CPU seconds, minor page
-faults and the peak resident set. The children's own output is not shown. Linux with glibc only.
+default and kept alternating, `--repeats` times each; the fastest run of each side is kept. Which side goes first
+swaps each repeat: a workload's first run starts cold (about 15 % slower in fit), so use at least 2. Measured by the
+parent from the child's resource usage (`bench.accounting.run_with_usage`: os.wait4 from a small launcher, so the
+parent's peak is not carried into the child's): wall seconds (model load included), user and system CPU seconds,
+minor page faults and the peak resident set. The children's own output is not shown. Linux with glibc only.
 Usage: python bench/bench_allocator.py [--workloads fit,evaluation,explanation,reference,explainers] [--repeats 2]
        [--json PATH]
 """
@@ -25,13 +27,12 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.accounting import cpu_model  # noqa: E402
+from bench.accounting import cpu_model, run_with_usage  # noqa: E402
 
 # name -> (what it runs, the benchmark and its arguments)
 WORKLOADS = {
@@ -71,21 +72,13 @@ def run_child(argv: list[str], kept: bool) -> dict:
     code = CHILD.format(root=str(ROOT), kept=kept, argv=[str(ROOT / argv[0]), *argv[1:]])
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     with tempfile.TemporaryFile("w+") as errors:
-        start = time.perf_counter()
-        command = [sys.executable, "-c", code]
-        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=errors)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
+        status, wall, usage = run_with_usage(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=errors
+        )
+        if status != 0 or not usage:
             errors.seek(0)
             raise SystemExit(f"{' '.join(argv)} failed with kept={kept}:\n{errors.read()[-3000:]}")
-    return {
-        "wall_s": wall,
-        "user_s": usage.ru_utime,
-        "sys_s": usage.ru_stime,
-        "minor_faults": usage.ru_minflt,
-        "peak_rss_gib": usage.ru_maxrss / 2**20,  # KiB on Linux
-    }
+    return {"wall_s": wall, **usage}
 
 
 def main() -> int:
@@ -111,8 +104,8 @@ def main() -> int:
     for name in names:
         what, argv = WORKLOADS[name]
         runs: dict[str, list[dict]] = {"default": [], "kept": []}
-        for _ in range(args.repeats):
-            for side in ("default", "kept"):
+        for repeat in range(args.repeats):  # the side that goes first swaps: a workload's first run starts cold
+            for side in ("default", "kept") if repeat % 2 == 0 else ("kept", "default"):
                 runs[side].append(run_child(argv, kept=side == "kept"))
         best = {side: min(found, key=lambda run: run["wall_s"]) for side, found in runs.items()}
         rows.append({"workload": name, "what": what, "command": " ".join(argv), **best, "all_runs": runs})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from bench.accounting import Work, WorkCounter, layer_matmul_gflops, matmul_peak_gflops
+from bench.accounting import Work, WorkCounter, layer_matmul_gflops, matmul_peak_gflops, run_with_usage
 from bench.bench_all import (
     format_table,
     json_row,
@@ -290,3 +292,18 @@ def test_memory_rows_carry_each_peak_and_its_ratio_to_the_original():
         ("original", 6.0, "100% of the original's peak"),
     ]
     assert "ours 1.50 GiB" in memory_lines(memory)[0] and "meets the target <= 25%" in memory_lines(memory)[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB, /proc")
+def test_a_measured_child_reports_its_own_usage_not_the_parents_peak():
+    """The parent holds 400 MiB resident; a child that touches 64 MiB reports a peak well under the parent's (Linux
+    would carry the parent's peak into a directly spawned child), at least its 64 MiB, and a fault per 4 KiB page."""
+    held = np.ones(400 * 2**20 // 8)  # every page written: resident
+    # a bytearray, not numpy: numpy asks for huge pages, which would fault 2 MiB at a time
+    child = "block = bytearray(64 * 2**20)\nfor i in range(0, len(block), 4096): block[i] = 1"
+    code, seconds, usage = run_with_usage([sys.executable, "-c", child])
+    assert code == 0 and seconds > 0
+    assert 64 / 1024 <= usage["peak_rss_gib"] < 0.35, usage  # the interpreter adds ~10 MiB, never the parent's 400
+    assert usage["minor_faults"] >= 64 * 2**20 // 4096
+    assert usage["user_s"] + usage["sys_s"] > 0
+    assert held[-1] == 1.0
