@@ -109,3 +109,50 @@ def test_the_boolean_mask_dropout_is_torch_dropout_value_for_value(p):
     assert 0 < (y_ours == 0).float().mean() < 1
     ours.eval()
     assert torch.equal(ours(x), x)  # eval mode: no dropout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_inference_forward_has_the_logits_of_the_plain_model(tiny_model_dir, dtype):
+    # the gated MLPs write act_fn(gate) * up over their own gate projection when autograd does not record; LoRA on
+    # gate_proj and up_proj makes those projections peft's sums, the case where a shared tensor would show first
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["gate_proj", "up_proj", "q_proj"]
+    lean = attach_lora(
+        load_causal_lm(tiny_model_dir, quantize_4bit=False, dtype=dtype),
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=targets,
+        quantized=False,
+        gradient_checkpointing=False,
+    )
+    torch.manual_seed(0)
+    for parameter in lean.parameters():
+        if parameter.requires_grad:  # LoRA B starts at zero: the adapter would add nothing
+            parameter.data.normal_(0, 0.5)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    plain = get_peft_model(load_causal_lm(tiny_model_dir, quantize_4bit=False, dtype=dtype), config)
+    plain.load_state_dict(lean.state_dict())
+    lean.eval(), plain.eval()
+    input_ids = torch.tensor([[4, 9, 12, 7, 20, 11, 6, 8], [5, 13, 10, 17, 9, 0, 0, 0]])
+    attention_mask = (input_ids != 0).long()
+    with torch.no_grad():
+        embeddings = lean.get_input_embeddings()(input_ids)
+        kept = embeddings.clone()
+        ours = lean(inputs_embeds=embeddings, attention_mask=attention_mask).logits
+        theirs = plain(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert torch.equal(embeddings, kept)  # the caller's input is never written over
+    assert ours.abs().max() > 0
+    # the same products and the same activation, in another tensor: equal but for the last bits of a few sums
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("activation", [torch.nn.SiLU(), torch.nn.GELU()])
+def test_the_in_place_swiglu_is_the_activation_times_up(activation):
+    from lightning_modules.lean_backward import _swiglu_in_place
+
+    gate, up = torch.randn(5, 11), torch.randn(5, 11)
+    expected = activation(gate) * up  # computed before gate is written over
+    assert torch.equal(_swiglu_in_place(activation, gate.clone(), up), expected)
