@@ -124,10 +124,11 @@ def _swiglu_in_place(act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tens
 def _gated_mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
     """`down_proj(act_fn(gate_proj(x)) * up_proj(x))`, transformers' gated MLP (Llama, Mistral, Qwen, SmolLM)."""
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    if not recorded(gate, up):
+    if not recorded(gate, up) and gate.dtype == up.dtype:
         # inference (evaluation, explanations): the activation and the product in gate's own storage, so no
         # (rows, intermediate) tensor is allocated and filled twice; about 3 % of a cached explanation on a CPU
-        # (docs/benchmarks.md). gate is this call's own projection output, so nothing else sees it change.
+        # (docs/benchmarks.md). gate is this call's own projection output, so nothing else sees it change. (Were
+        # the dtypes to differ, the out-of-place product would promote and an in-place one would not.)
         return mlp.down_proj(_swiglu_in_place(mlp.act_fn, gate, up))
     swiglu = functools.partial(_swiglu, mlp.act_fn)
     if half_on_cpu(gate):
