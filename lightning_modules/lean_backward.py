@@ -112,24 +112,26 @@ def _swiglu(act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return act_fn(gate) * up
 
 
-def _swiglu_in_place(act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`act_fn(gate) * up` written over `gate`, for a `gate` nothing else reads (inference)."""
+def in_place_activation(act_fn) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`act_fn` as a function that may write over its input: torch's in-place SiLU for a SiLU, else `act_fn` itself
+    (its output is then a new tensor, which the caller's `mul_` reuses). Resolved once per MLP, not per call."""
     from transformers.activations import SiLUActivation
 
     if isinstance(act_fn, (torch.nn.SiLU, SiLUActivation)):
-        return torch.nn.functional.silu(gate, inplace=True).mul_(up)
-    return act_fn(gate).mul_(up)
+        return functools.partial(torch.nn.functional.silu, inplace=True)
+    return act_fn
 
 
-def _gated_mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
-    """`down_proj(act_fn(gate_proj(x)) * up_proj(x))`, transformers' gated MLP (Llama, Mistral, Qwen, SmolLM)."""
+def _gated_mlp_forward(mlp, activate_in_place, x: torch.Tensor) -> torch.Tensor:
+    """`down_proj(act_fn(gate_proj(x)) * up_proj(x))`, transformers' gated MLP (Llama, Mistral, Qwen, SmolLM);
+    `activate_in_place` is `in_place_activation(mlp.act_fn)`."""
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     if not recorded(gate, up) and gate.dtype == up.dtype:
         # inference (evaluation, explanations): the activation and the product in gate's own storage, so no
         # (rows, intermediate) tensor is allocated and filled twice; about 3 % of a cached explanation on a CPU
         # (docs/benchmarks.md). gate is this call's own projection output, so nothing else sees it change. (Were
         # the dtypes to differ, the out-of-place product would promote and an in-place one would not.)
-        return mlp.down_proj(_swiglu_in_place(mlp.act_fn, gate, up))
+        return mlp.down_proj(activate_in_place(gate).mul_(up))
     swiglu = functools.partial(_swiglu, mlp.act_fn)
     if half_on_cpu(gate):
         # keeps gate and up (which it needs anyway), computes act_fn(gate) again in the backward pass
@@ -145,7 +147,7 @@ def keep_half_precision_for_backward(model) -> None:
 
     for module in list(model.modules()):
         if all(hasattr(module, part) for part in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            module.forward = functools.partial(_gated_mlp_forward, module)
+            module.forward = functools.partial(_gated_mlp_forward, module, in_place_activation(module.act_fn))
         elif isinstance(module, LoraLayer):
             for adapter, dropout in list(module.lora_dropout.items()):
                 if type(dropout) is torch.nn.Dropout:
