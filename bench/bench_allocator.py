@@ -90,14 +90,11 @@ def main() -> int:
     names = [name.strip() for name in args.workloads.split(",") if name.strip()]
     unknown = sorted(set(names) - set(WORKLOADS))
     if unknown:
-        print(f"unknown workload(s) {', '.join(unknown)} in --workloads; choose from {', '.join(WORKLOADS)}")
-        return 2
+        parser.error(f"unknown workload(s) {', '.join(unknown)} in --workloads; choose from {', '.join(WORKLOADS)}")
     if platform.libc_ver()[0] != "glibc":
-        print("this benchmark measures glibc's allocator: run it on Linux with glibc")
-        return 2
+        parser.error("this benchmark measures glibc's allocator: run it on Linux with glibc")
     if args.repeats < 1:
-        print(f"--repeats must be at least 1, got {args.repeats}")
-        return 2
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), {platform.libc_ver()[0]} {platform.libc_ver()[1]}")
     rows = []
