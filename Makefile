@@ -46,10 +46,12 @@ lint: install
 # Fit, evaluation and SHAP, ours vs the original recipe, fp32 and bf16, one combined table, and the bf16 gates on the
 # demo's own fit, evaluation and SHAP (recorded in assets/dtype_gates.json for `--model.dtype auto`), and a whole run's
 # peak memory against the original recipe (bench/bench_memory.py, about 10 min); then every
-# explainer over the cached value function vs an uncached reference (docs/benchmarks.md).
+# explainer over the cached value function vs an uncached reference, and torch's other fp32 product paths on one
+# layer (about a minute; docs/benchmarks.md).
 # Smaller (gates then not recorded), e.g.: make bench BENCH_SIZES="--fit-batches 3 --eval-examples 32
 #   --gate-examples 64 --shap-examples 1 --gate-train 200 --gate-eval 100 --gate-explain 1"
 BENCH_SIZES ?=
 bench: install
 	$(PY) bench/bench_all.py $(BENCH_SIZES)
 	$(PY) bench/bench_explainers.py
+	$(PY) bench/bench_matmul_paths.py

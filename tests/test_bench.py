@@ -307,3 +307,17 @@ def test_a_measured_child_reports_its_own_usage_not_the_parents_peak():
     assert usage["minor_faults"] >= 64 * 2**20 // 4096
     assert usage["user_s"] + usage["sys_s"] > 0
     assert held[-1] == 1.0
+
+
+def test_matmul_paths_time_every_path_and_measure_its_error_against_float64(tiny_llama):
+    """Each prepacked path computes the layer's products: its reported error against float64 products is float32
+    rounding (the products here are up to a few tenths in size, so a path that returned zeros or used the wrong weight
+    would report an error near that size)."""
+    from bench.bench_matmul_paths import measure_rows
+
+    weights = [p.detach() for p in tiny_llama.model.layers[0].parameters() if p.dim() == 2]
+    row = measure_rows(weights, rows=8, off_hint=4, trials=1, seconds=1e-3)
+    assert set(row) == {"rows", "linear", "mkl packed", "mkl packed for other rows", "onednn", "onednn plain"}
+    for name in set(row) - {"rows"}:
+        assert row[name]["us"] > 0
+        assert row[name]["error"] < 1e-5, name
