@@ -1,10 +1,11 @@
-"""Does torch offer a faster fp32 matrix product than `F.linear` on this CPU? One decoder layer's products, three ways.
+"""Does torch offer a faster fp32 matrix product than `F.linear` on this CPU? One decoder layer's products, four ways.
 
-The explainers' cached value function spends about two-thirds of its time in the model's linear products
-(docs/benchmarks.md); for occlusion and KernelSHAP, the 5x target of issue 14 could only be reached with faster
-products. torch ships two prepacked fp32 paths beside the plain one, both used by its own inductor backend on a CPU:
+The explainers' cached value function spends two-thirds to four-fifths of its time (by host) in the model's linear
+products (docs/benchmarks.md); for occlusion, and on some hosts KernelSHAP and LIME, the 5x target of issue 14 could
+only be reached with faster products. Beside the plain product, torch ships MKL's and oneDNN's fp32 linear ops, which
+its own inductor backend uses on a CPU:
 
-linear      `torch.nn.functional.linear`, what the model runs (MKL's or oneDNN's GEMM, as torch dispatches it)
+linear      `torch.nn.functional.linear`, what the model runs (MKL's GEMM for fp32 in torch's CPU build)
 mkl packed  `torch.ops.mkl._mkl_reorder_linear_weight` + `_mkl_linear`: the weight packed once by MKL for a given
             row count (the packing hint); a call with any other row count falls back to the unpacked product
 onednn      `torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`: the weight reordered once for oneDNN
@@ -99,7 +100,9 @@ def measure_rows(weights: list[torch.Tensor], rows: int, off_hint: int, trials: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
-    parser.add_argument("--off-hint", type=int, default=56, help="rows the 'other rows' MKL packing was made for, more")
+    parser.add_argument(
+        "--off-hint", type=int, default=56, help="how many more rows than a call has the 'other rows' packing is for"
+    )
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.3)
     parser.add_argument("--json", type=Path, default=None)
