@@ -136,22 +136,27 @@ class WorkCounter:
 
 
 # ---- the machine ------------------------------------------------------------------------------------------------
+def fastest_seconds(run, trials: int = 5, seconds: float = 0.4) -> float:
+    """Seconds per call of `run()`: the fastest of `trials` timed loops of about `seconds` each (host noise only adds
+    time). Two calls first warm it up and give a first guess at the time per call; they do not count."""
+    start = time.perf_counter()
+    run()
+    run()
+    repeats = max(1, int(seconds / max((time.perf_counter() - start) / 2, 1e-6)))
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, trials: int = 5, seconds: float = 0.4) -> float:
     """Best achieved GFLOP/s of a size x size torch.matmul loop over `trials` timed loops of about `seconds` each."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     out = torch.empty(size, size, dtype=dtype)
-    flops = 2.0 * size**3
-    start = time.perf_counter()
-    torch.matmul(a, b, out=out)  # warm-up, and a first guess at the time per product
-    torch.matmul(a, b, out=out)
-    repeats = max(1, int(seconds / max((time.perf_counter() - start) / 2, 1e-6)))
-    best = 0.0
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            torch.matmul(a, b, out=out)
-        best = max(best, repeats * flops / (time.perf_counter() - start))
-    return best / 1e9
+    return 2.0 * size**3 / fastest_seconds(lambda: torch.matmul(a, b, out=out), trials, seconds) / 1e9
 
 
 def layer_matmul_gflops(

@@ -13,10 +13,10 @@ onednn      `torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`: the
 onednn plain  `_linear_pointwise` on the model's own weight, no copy
 
 Each is timed on the embedded SmolLM2's first decoder layer (its seven projections, real weights, random inputs) at
-several row counts; the fastest of `--trials` timed loops counts. "packed for other rows" is the MKL path called with
-rows that differ from its hint (`--off-hint` fewer rows than the hint), as the prefix tree's forwards do: their row
-counts vary from forward to forward. Each path's error is its largest absolute difference from the same products
-computed in float64.
+several row counts; the paths take turns, and each one's fastest of `--trials` timed loops counts. "packed for other
+rows" is the MKL path called with rows that differ from its hint (`--off-hint` fewer rows than the hint), as the
+prefix tree's forwards do: their row counts vary from forward to forward. Each path's error is its largest absolute
+difference from the same products computed in float64.
 Usage: python bench/bench_matmul_paths.py [--rows 64 128 256 512 1024] [--trials 5] [--seconds 0.3] [--json PATH]
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,26 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.accounting import cpu_model  # noqa: E402
+from bench.accounting import cpu_model, fastest_seconds  # noqa: E402
 from foundation.atomic_files import write_json_atomic  # noqa: E402
 from lightning_modules.backbone import load_causal_lm  # noqa: E402
 
 MODEL = "embedded:smollm2-135m-instruct"
-
-
-def fastest_seconds(products, trials: int, seconds: float) -> float:
-    """Seconds per call of `products()`: the fastest of `trials` loops of about `seconds` each (noise only adds)."""
-    products()  # warm-up: first-call allocations and kernel selection
-    start = time.perf_counter()
-    products()
-    calls = max(1, int(seconds / max(time.perf_counter() - start, 1e-6)))
-    best = float("inf")
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(calls):
-            products()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
 
 
 def layer_weights() -> list[torch.Tensor]:
@@ -89,11 +73,14 @@ def measure_rows(weights: list[torch.Tensor], rows: int, off_hint: int, trials: 
     exact = [torch.nn.functional.linear(inputs[w.shape[1]].double(), w.double()) for w in weights]
     row = {"rows": rows}
     for name, products in paths.items():
-        values = products()
         row[name] = {
-            "us": 1e6 * fastest_seconds(products, trials, seconds),
-            "error": max(float((a.double() - b).abs().max()) for a, b in zip(values, exact)),
+            "us": float("inf"),
+            "error": max(float((a.double() - b).abs().max()) for a, b in zip(products(), exact)),
         }
+    # the paths take turns, one timed loop each per trial, so that a slow spell of the host falls on all of them alike
+    for _ in range(trials):
+        for name, products in paths.items():
+            row[name]["us"] = min(row[name]["us"], 1e6 * fastest_seconds(products, 1, seconds))
     return row
 
 
